@@ -1,0 +1,50 @@
+"""FLOPs per token of a model (forward + backward) and model FLOPs utilization.
+
+Each mixer reports its own forward FLOPs per token (`Mixer.flops_per_token`); the MLP and the
+vocabulary head are counted here. Backward costs twice the forward, so training is 3x forward.
+"""
+import torch
+
+from llm.config import mixer_args
+from llm.model.gpt import layer_mixers, mlp_hidden
+from llm.model.mixers import MIXERS
+
+# Dense bf16 peak FLOP/s per device (no sparsity), by substring of the CUDA device name.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12,
+                  "L4": 121e12, "V100": 125e12, "4090": 165e12, "3090": 71e12}
+
+
+def forward_flops_per_token(model_cfg, seq_len: int) -> float:
+    d = model_cfg.d_model
+    total = 2 * d * model_cfg.vocab_size  # head (the embedding lookup is free)
+    for name in layer_mixers(model_cfg):
+        total += MIXERS[name].flops_per_token(model_cfg, mixer_args(model_cfg, name), seq_len)
+        total += 2 * 3 * d * mlp_hidden(model_cfg)  # SwiGLU: gate, up, down
+    return float(total)
+
+
+def train_flops_per_token(model_cfg, seq_len: int) -> float:
+    return 3.0 * forward_flops_per_token(model_cfg, seq_len)
+
+
+def peak_flops(configured=None) -> float:
+    """Peak FLOP/s of one device: the configured value, the GPU table, or a short CPU matmul probe."""
+    if configured:
+        return float(configured)
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value
+        return 100e12
+    return _cpu_matmul_flops()
+
+
+def _cpu_matmul_flops(n: int = 512, reps: int = 8) -> float:
+    import time
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)

@@ -1,0 +1,22 @@
+"""Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+from torch import nn
+
+from llm.model.layers import RMSNorm, SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, mixer: nn.Module, mlp_hidden: int):
+        super().__init__()
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = mixer
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, mlp_hidden)
+
+    def forward(self, x):
+        x = x + self.mixer(self.mixer_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+    def forward_step(self, x, cache):
+        y, cache = self.mixer.forward_step(self.mixer_norm(x), cache)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), cache

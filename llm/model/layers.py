@@ -1,0 +1,75 @@
+"""Building blocks shared by the mixers: RMSNorm, SwiGLU MLP, rotary embedding, short causal conv."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm.model.roles import set_role
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = set_role(nn.Parameter(torch.ones(dim)), "no_decay")
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def mark_residual(linear: nn.Linear) -> nn.Linear:
+    """Mark a projection that writes into the residual stream (scaled init: std / sqrt(2 L))."""
+    linear._residual_out = True
+    return linear
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down = mark_residual(nn.Linear(hidden, d_model, bias=False))
+        set_role(self, "mlp")
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding on [B, T, H, D] tensors, positions given explicitly."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x, start: int = 0):
+        T = x.shape[1]
+        pos = torch.arange(start, start + T, device=x.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq.to(x.device))  # [T, D/2]
+        cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal conv over time on [B, T, C]; the cache is the last (kernel - 1) inputs."""
+
+    def __init__(self, channels: int, kernel_size: int = 4, activation: bool = True):
+        super().__init__()
+        self.kernel_size, self.activation = kernel_size, activation
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False)
+        set_role(self.conv.weight, "mixer_other")
+
+    def init_cache(self, batch_size: int):
+        w = self.conv.weight
+        return w.new_zeros(batch_size, self.kernel_size - 1, w.shape[0])
+
+    def forward(self, x, cache=None):
+        """x [B, T, C] -> (y [B, T, C], new cache). cache None means zeros before position 0."""
+        if cache is None:
+            cache = self.init_cache(x.shape[0]).to(x.dtype)
+        xx = torch.cat([cache, x], dim=1)  # [B, K-1+T, C]
+        y = F.conv1d(xx.transpose(1, 2), self.conv.weight, groups=self.conv.weight.shape[0]).transpose(1, 2)
+        y = F.silu(y) if self.activation else y
+        return y, xx[:, xx.shape[1] - (self.kernel_size - 1):]

@@ -1,0 +1,65 @@
+import pytest
+from omegaconf import OmegaConf
+
+from llm.config import ConfigError, ModelConfig, load_config, model_config
+from llm.model import build_model
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_quickstart_loads_with_overrides():
+    cfg = load_config("configs/quickstart.yaml", ["optim.lr=3e-4", "train.max_steps=7"])
+    assert cfg.optim.lr == 3e-4 and cfg.train.max_steps == 7
+    assert cfg.model.d_model == 256  # from the model/small.yaml include
+
+
+def test_includes_merge_in_order(tmp_path):
+    write(tmp_path, "base.yaml", "model: {d_model: 64, n_heads: 2}\ntrain: {max_steps: 5}\n")
+    top = write(tmp_path, "top.yaml", "defaults: [base.yaml]\ntrain: {max_steps: 9}\n")
+    cfg = load_config(top)
+    assert (cfg.model.d_model, cfg.model.n_heads, cfg.train.max_steps) == (64, 2, 9)
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("optim.lrr=1", "optim.lrr", "allowed here: lr"),
+    ("train.max_steps=abc", "train.max_steps", "Integer"),
+    ("model.mixer=nope", "model.mixer", "registered: "),
+    ("model.layer_pattern=[softmax,nope]", "model.layer_pattern[1]", "unknown mixer"),
+    ("model.n_heads=5", "model.d_model=256", "not divisible"),
+    ("model.n_kv_heads=3", "model.n_kv_heads=3", "must divide"),
+    ("train.micro_batch_size=5", "train.global_batch_size=16", "multiple"),
+    ("train.zero_stage=4", "train.zero_stage", "0, 1, 2 or 3"),
+    ("optim.schedule=linear", "optim.schedule", "cosine, wsd, constant"),
+    ("model.mixer_args.softmax.foo=1", "model.mixer_args.softmax.foo", "options"),
+    ("model.mixer_args.nope.x=1", "model.mixer_args.nope", "unknown mixer"),
+    ("optim.groups.attn.weight_decay=0", "optim.groups.attn", "qk, vo"),
+    ("train.resume=/no/such/dir", "train.resume", "auto"),
+    ("train.stop_at_step=0", "train.stop_at_step", "1..train.max_steps"),
+])
+def test_bad_values_name_the_key(override, key, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/quickstart.yaml", [override])
+    assert key in str(e.value) and expected in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="include 'nope.yaml' not found"):
+        load_config(write(tmp_path, "a.yaml", "defaults: [nope]\n"))
+    with pytest.raises(ConfigError, match="cycle"):
+        write(tmp_path, "b.yaml", "defaults: [c.yaml]\n")
+        load_config(write(tmp_path, "c.yaml", "defaults: [b.yaml]\n"))
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("configs/quickstart.yaml", ["optim.lr"])
+
+
+def test_build_model_accepts_every_config_form():
+    fields = {"vocab_size": 50, "d_model": 32, "n_layers": 1, "n_heads": 2}
+    models = [build_model(fields), build_model(OmegaConf.create(fields)), build_model(ModelConfig(**fields))]
+    assert len({m.num_params() for m in models}) == 1
+    assert model_config({}).mixer == "softmax"  # missing fields take their defaults
