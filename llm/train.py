@@ -22,6 +22,7 @@ from llm import checkpoint, distributed
 from llm.config import ConfigError, save_config
 from llm.flops import peak_flops, train_flops_per_token
 from llm.optim import describe_groups, lr_schedule, param_groups
+from llm.telemetry import TelemetryLog
 
 
 def lm_loss(logits, targets, z_loss: float = 0.0):
@@ -121,7 +122,10 @@ class MetricsLog:
 
     def echo(self, text: str) -> None:
         if self.active:
-            (self.bar.write if self.bar is not None else print)(text, flush=True)
+            if self.bar is not None:
+                self.bar.write(text)
+            else:
+                print(text, flush=True)
 
     def progress(self, n: int, **postfix) -> None:
         if self.bar is not None:
@@ -137,20 +141,17 @@ class MetricsLog:
 
 @torch.no_grad()
 def evaluate(engine, windows: torch.Tensor, micro: int, rank: int, world: int) -> float:
-    """Mean held-out token loss. Every rank runs the same number of forwards (ZeRO-3 gathers
-    parameters collectively), padding with zero-weight batches where the windows run out."""
+    """Mean held-out token loss over all ranks (each rank runs the same number of forwards, as
+    ZeRO-3 gathers parameters collectively)."""
+    from llm.data import rank_batches
+
     engine.eval()
     total, count = 0.0, 0.0
-    per_round = micro * world
-    for start in range(0, len(windows), per_round):
-        chunk = windows[start + rank * micro: start + (rank + 1) * micro]
-        weight = 1.0 if len(chunk) else 0.0
-        chunk = chunk if len(chunk) else windows[:1]
-        chunk = chunk.to(engine.device)
-        logits = engine(chunk[:, :-1])
-        _, ce = lm_loss(logits, chunk[:, 1:])
-        total += weight * ce.item() * chunk[:, 1:].numel()
-        count += weight * chunk[:, 1:].numel()
+    for batch, weight in rank_batches(windows, micro, rank, world):
+        batch = batch.to(engine.device)
+        _, ce = lm_loss(engine(batch[:, :-1]), batch[:, 1:])
+        total += weight * ce.item() * batch[:, 1:].numel()
+        count += weight * batch[:, 1:].numel()
     engine.train()
     total, count = distributed.all_reduce([total, count])
     return total / count
@@ -204,6 +205,7 @@ def train(cfg) -> dict:
     torch.manual_seed(t.seed)
     model = build_model(cfg.model)
     groups = param_groups(model, cfg.optim)
+    group_rows = describe_groups(groups, cfg.optim)  # before the scheduler scales the group LRs
     schedule = lr_schedule(cfg.optim, max_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=groups, config=config,
@@ -221,18 +223,19 @@ def train(cfg) -> dict:
         os.makedirs(out_dir, exist_ok=True)
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
         with open(os.path.join(out_dir, "param_groups.json"), "w") as f:
-            json.dump(describe_groups(groups, cfg.optim), f, indent=1)
+            json.dump(group_rows, f, indent=1)
 
     loader = WindowLoader(train_data, d.seq_len, t.seed, t.global_batch_size, max_steps, d.bi_induct)
     val = eval_windows(val_data, d.seq_len, cfg.eval.windows)
     flops_per_token = train_flops_per_token(cfg.model, d.seq_len)
     peak = peak_flops(cfg.logging.peak_flops)
     log = MetricsLog(cfg, out_dir, start_step, max_steps, active=rank == 0)
+    telemetry = TelemetryLog(out_dir, start_step, active=rank == 0)
     log.echo(f"model: {model.num_params() / 1e6:.2f}M non-embedding params, layers "
              f"{[b.mixer.name for b in model.blocks]}; {world} rank(s), grad accumulation {accum}, "
              f"ZeRO-{t.zero_stage}, {dtype}; steps {start_step}->{max_steps}"
              + (f" (from budget: {budget_info})" if budget_info else ""))
-    for g in describe_groups(groups, cfg.optim):
+    for g in group_rows:
         log.echo(f"  param group {g['name']:<12} {g['params']:>10,d} params  wd {g['weight_decay']:g}  lr {g['lr']:g}")
     if resume_from:
         log.echo(f"resumed from {os.path.join(*resume_from)} at step {start_step}")
@@ -247,15 +250,21 @@ def train(cfg) -> dict:
                 json.dump(OmegaConf.to_container(cfg.model, resolve=True), f)
         log.echo(f"checkpoint {tag}")
 
+    def eval_metrics(step_done: int) -> dict:
+        """Held-out loss and the attention products' ranks (all in telemetry.jsonl; layer means here)."""
+        val_loss = evaluate(engine, val, t.micro_batch_size, rank, world)
+        return {"val_loss": val_loss, "val_ppl": math.exp(val_loss), **telemetry.write(engine.module, step_done)}
+
     result = {"start_step": start_step}
     if start_step == 0 and cfg.eval.final:
-        result["val_loss_start"] = evaluate(engine, val, t.micro_batch_size, rank, world)
-        log.write({"step": 0, "val_loss": result["val_loss_start"], "val_ppl": math.exp(result["val_loss_start"])})
+        metrics = eval_metrics(0)
+        result["val_loss_start"] = metrics["val_loss"]
+        log.write({"step": 0, **metrics})
         log.echo(f"step 0: held-out loss {result['val_loss_start']:.4f}")
 
     stop = StopSignal()
     started = window_start = time.time()
-    longest_step, window_steps, loss_sum = 0.0, 0, 0.0
+    longest_step, window_steps, loss_sum, z_sum = 0.0, 0, 0.0, 0.0
     step_done = start_step
     stop_reason = None
     for step in range(start_step, max_steps):
@@ -268,6 +277,7 @@ def train(cfg) -> dict:
             engine.backward(loss)
             engine.step()
             loss_sum += ce.item() / accum
+            z_sum += (loss - ce).item() / accum  # the z-loss term, 0 unless train.z_loss
         step_done, window_steps = step + 1, window_steps + 1
         longest_step = max(longest_step, time.time() - step_start)
         log.progress(1, loss=f"{ce.item():.3f}")
@@ -286,26 +296,31 @@ def train(cfg) -> dict:
 
         if step_done % cfg.logging.log_every == 0 or last:
             elapsed = time.time() - window_start
-            (mean_loss,) = distributed.all_reduce([loss_sum / window_steps])
+            mean_loss, mean_z = distributed.all_reduce([loss_sum / window_steps, z_sum / window_steps])
             tokens_per_s = window_steps * t.global_batch_size * d.seq_len / elapsed
             record = {"step": step_done, "loss": mean_loss / world, "lr": lr,
                       "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                       "tokens_per_s": tokens_per_s,
                       "mfu": flops_per_token * tokens_per_s / (peak * world),
                       "tokens": step_done * t.global_batch_size * d.seq_len}
+            rewrite = loader.rewrite_stats()  # this rank's online Bi-Induct rewrites since the last log
+            if rewrite:
+                record.update(bi_induct_rate=loader.rate(step * t.global_batch_size),
+                              bi_induct_token_fraction=rewrite["token_fraction"],
+                              bi_induct_snippets=rewrite["snippets"])
+            if t.z_loss:
+                record["z_loss"] = mean_z / world
             if step_done % t.eval_every == 0 or (last and cfg.eval.final):
-                record["val_loss"] = evaluate(engine, val, t.micro_batch_size, rank, world)
-                record["val_ppl"] = math.exp(record["val_loss"])
+                record.update(eval_metrics(step_done))
             log.write(record)
             log.echo(f"step {step_done}/{max_steps} loss {record['loss']:.4f} lr {lr:.2e} "
                      f"grad_norm {record['grad_norm']:.3f} {tokens_per_s:,.0f} tok/s mfu {record['mfu']:.2%}"
                      + (f" | held-out loss {record['val_loss']:.4f} ppl {record['val_ppl']:.2f}"
                         if "val_loss" in record else ""))
             result.update(record)
-            window_start, window_steps, loss_sum = time.time(), 0, 0.0
+            window_start, window_steps, loss_sum, z_sum = time.time(), 0, 0.0, 0.0
         elif step_done % t.eval_every == 0:
-            val_loss = evaluate(engine, val, t.micro_batch_size, rank, world)
-            log.write({"step": step_done, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+            log.write({"step": step_done, **eval_metrics(step_done)})
 
         if step_done % t.ckpt_every == 0 or last:
             save(step_done)

@@ -1,0 +1,79 @@
+"""A sentencepiece BPE tokenizer: training on documents, and a small wrapper for loading it.
+
+Reserved ids: 0 <unk>, 1 <s> (bos), 2 </s> (eos, joins documents in the shards), 3 <sep> (Bi-Induct's
+separator), 4 a newline piece. Byte fallback makes any text encodable, and the text is not
+normalized (identity rule, whitespace kept), so decode(encode(text)) == text.
+"""
+import io
+import json
+import os
+from typing import Iterable
+
+import sentencepiece as spm
+
+from data_prep.shards import META, TOKENIZER_FILE, file_sha256
+
+SEP_PIECE = "<sep>"
+
+
+class Tokenizer:
+    def __init__(self, model_path: str):
+        self.path = os.path.abspath(model_path)
+        self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        self.sha256 = file_sha256(self.path)
+        self.vocab_size = self.sp.vocab_size()
+        self.unk_id, self.bos_id, self.eos_id = self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()
+        self.sep_id = self.sp.piece_to_id(SEP_PIECE)
+        if self.sep_id == self.unk_id:
+            raise ValueError(f"{self.path}: the tokenizer has no {SEP_PIECE} piece; train it with "
+                             f"`python -m data_prep tokenize` (data_prep.tokenizer.train_tokenizer)")
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=num_threads)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def special_ids(self) -> dict:
+        return {"unk": self.unk_id, "bos": self.bos_id, "eos": self.eos_id, "sep": self.sep_id}
+
+
+def train_tokenizer(docs: Iterable[str], out_path: str, vocab_size: int = 4096) -> Tokenizer:
+    """Train on `docs` (all of them: pass a sample for large corpora) and write `out_path`.
+    Deterministic: the same documents give the same model file."""
+    # sentencepiece trains on "sentences": lines, which keeps pieces from spanning a newline.
+    lines = (line for doc in docs for line in doc.split("\n") if line.strip())
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines, model_writer=model, model_type="bpe", vocab_size=vocab_size,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=[SEP_PIECE, "\n"],
+            byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, split_digits=True, character_coverage=0.9995,
+            max_sentence_length=1 << 16, minloglevel=2)
+    except RuntimeError as e:  # e.g. "Vocabulary size too high" for a small corpus
+        raise ValueError(f"sentencepiece training (vocab_size={vocab_size}) failed: {e}") from None
+    tmp = out_path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, out_path)
+    return Tokenizer(out_path)
+
+
+def load_tokenizer(data_dir_or_model_path: str) -> Tokenizer:
+    """The tokenizer of a data directory (its meta.json names the file) or a .model file."""
+    path = data_dir_or_model_path
+    if os.path.isdir(path):
+        meta_path = os.path.join(path, META)
+        name = TOKENIZER_FILE
+        if os.path.isfile(meta_path):
+            name = json.load(open(meta_path))["tokenizer"]["file"]
+        path = os.path.join(path, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path}: no tokenizer here; make one with: python -m data_prep tokenize "
+            f"--source builtin:python-docs --out {data_dir_or_model_path}")
+    return Tokenizer(path)
