@@ -1,5 +1,5 @@
 """Mixer registry: importing this package registers every mixer family."""
 from llm.model.mixers.base import MIXERS, Mixer, register_mixer
-from llm.model.mixers import softmax  # noqa: F401  (registers softmax)
+from llm.model.mixers import softmax, deltanet, mesa  # noqa: F401  (each registers its mixers)
 
 __all__ = ["MIXERS", "Mixer", "register_mixer"]

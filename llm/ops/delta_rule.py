@@ -1,0 +1,143 @@
+"""The delta rule (DeltaNet) and its gated form (Gated DeltaNet), in fla's conventions.
+
+State S [B, H, K, V]. Per token t:  S = exp(g_t) S;  S += k_t (beta_t (v_t - S^T k_t))^T;
+o_t = scale * S^T q_t.  g=None is DeltaNet; g given ([B, T, H], a log-decay) is Gated DeltaNet.
+
+`recurrent_delta_rule` runs that loop as written (the reference, and the decoding path);
+`chunk_delta_rule` is the chunkwise-parallel form used in training: inside a chunk of C tokens
+the C sequential rank-one updates collapse into one unit-triangular solve (the WY / UT
+transform), so only the state is carried across chunks. With inputs on CUDA in half precision
+and fla installed, both call fla's kernels instead (`backend` as in `llm.ops.use_kernel`).
+
+The torch paths compute in fp32 and return o in q's dtype and the final state in fp32 (as fla).
+"""
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from llm.ops import use_kernel
+
+
+def check_shapes(q, k, v, **per_token):
+    """Raise ValueError unless q, k are [B, T, H, K], v is [B, T, H, V] and every per-token tensor
+    (None skipped) is [B, T, H]; return (B, T, H, K, V)."""
+    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"expected q, k [B, T, H, K] and v [B, T, H, V] with the same B, T, H; got "
+                         f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
+    B, T, H, K = q.shape
+    if T == 0:
+        raise ValueError("expected at least one token (T >= 1)")
+    for name, t in per_token.items():
+        if t is not None and t.shape != (B, T, H):
+            raise ValueError(f"{name}: expected shape [B, T, H] = {[B, T, H]}, got {list(t.shape)}")
+    return B, T, H, K, v.shape[-1]
+
+
+def check_state(name, t, shape):
+    if t is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+
+
+def _check(q, k, v, beta, g, initial_state):
+    B, _, H, K, V = check_shapes(q, k, v, beta=beta, g=g)
+    check_state("initial_state [B, H, K, V]", initial_state, (B, H, K, V))
+
+
+def _fla(kind, q, k, v, beta, g, scale, initial_state, output_final_state):
+    """fla's `{kind}_delta_rule` or `{kind}_gated_delta_rule`; keyword names shared by fla 0.2-0.6
+    ([B, T, H, D] is the default layout in all of them; `head_first` is left alone)."""
+    gated = g is not None
+    module = importlib.import_module("fla.ops.gated_delta_rule" if gated else "fla.ops.delta_rule")
+    kernel = getattr(module, f"{kind}_{'gated_' if gated else ''}delta_rule")
+    extra = {"g": g.float()} if gated else {}
+    return kernel(q=q, k=k, v=v, beta=beta.to(q.dtype), scale=scale, initial_state=initial_state,
+                  output_final_state=output_final_state, **extra)
+
+
+def chunk_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False,
+                     chunk_size=64, backend="auto"):
+    """Chunkwise-parallel delta rule. Returns (o [B, T, H, V], final state [B, H, K, V] or None).
+
+    `chunk_size` shapes the torch path only (fla picks its own); T need not be a multiple of it.
+    fla expects L2-normalized keys (as the delta rule itself does for stability)."""
+    _check(q, k, v, beta, g, initial_state)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if use_kernel(backend, "fla", q, k, v):
+        return _fla("chunk", q, k, v, beta, g, scale, initial_state, output_final_state)
+    return _chunk(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size)
+
+
+def recurrent_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None,
+                         output_final_state=False, backend="auto"):
+    """The token-by-token recurrence (reference and decoding). Same returns as `chunk_delta_rule`."""
+    _check(q, k, v, beta, g, initial_state)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if use_kernel(backend, "fla", q, k, v):
+        return _fla("fused_recurrent", q, k, v, beta, g, scale, initial_state, output_final_state)
+    B, _, H, K = q.shape
+    S = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32) if initial_state is None else initial_state.float()
+    decay = (torch.zeros_like(beta) if g is None else g).float().exp()
+    outs = []
+    # unbind, not x[:, t]: the backward of T slices would write T full-size gradients (O(T^2))
+    for q_t, k_t, v_t, b_t, a_t in zip(*(x.float().unbind(1) for x in (q, k, v, beta, decay))):
+        S = a_t[..., None, None] * S
+        u = b_t[..., None] * (v_t - torch.einsum("bhk,bhkv->bhv", k_t, S))
+        S = S + k_t[..., :, None] * u[..., None, :]
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q_t, S))
+    return torch.stack(outs, 1).to(q.dtype), (S if output_final_state else None)
+
+
+def to_chunks(x, chunk_size):
+    """[B, T, H, ...] -> fp32 [B, H, N, C, ...], zero-padded at the end to N * C tokens.
+
+    Zero padding is neutral for these recurrences: a zero key writes nothing, g = 0 does not decay."""
+    x = x.float().movedim(1, 2)
+    pad = -x.shape[2] % chunk_size
+    x = F.pad(x, [0, 0] * (x.ndim - 3) + [0, pad])
+    return x.unflatten(2, (x.shape[2] // chunk_size, chunk_size))
+
+
+def chunk_gates(g, like):
+    """Within-chunk cumulative log-decay G [B, H, N, C] (zeros for g=None; `like` is any chunked
+    [B, H, N, C, ...] input) and the causal decay matrix gamma [B, H, N, C, C], with
+    gamma_ij = exp(G_i - G_j) for j <= i and 0 above the diagonal.
+
+    The exponent is masked before exp, so no large positive number is ever exponentiated; for
+    j <= i it is a sum of log-decays, <= 0 whenever g <= 0, so strong decay underflows to 0."""
+    C = like.shape[3]
+    G = like.new_zeros(like.shape[:4]) if g is None else to_chunks(g, C).cumsum(-1)
+    causal = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()
+    gamma = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    return G, gamma
+
+
+def _chunk(q, k, v, beta, g, scale, initial_state, output_final_state, C):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    out_dtype = q.dtype
+    q, k, v, beta = (to_chunks(x, C) for x in (q, k, v, beta))
+    G, gamma = chunk_gates(g, q)
+    eG = G.exp()[..., None]
+    # With S0 the chunk-start state, u_i = beta_i (v_i - exp(G_i) S0^T k_i
+    #   - sum_{j<i} exp(G_i - G_j) (k_i . k_j) u_j), i.e. (I + A) u = beta (v - exp(G) k S0)
+    # with A strictly lower triangular: one solve per chunk gives u = u0 - w S0.
+    A = (beta[..., None] * (k @ k.mT) * gamma).tril(-1)
+    rhs = torch.cat([beta[..., None] * eG * k, beta[..., None] * v], dim=-1)
+    eye = torch.eye(C, device=q.device)
+    w, u0 = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True).split([K, V], -1)
+    qk = (q @ k.mT) * gamma  # intra-chunk readout weights, diagonal included
+    q_dec = q * eG  # reads the decayed chunk-start state
+    k_dec = k * (G[..., -1:] - G).exp()[..., None]  # each key's decay to the chunk end
+    a_end = G[..., -1].exp()  # decay over the whole chunk
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+    outs = []
+    # unbind, not x[:, :, n]: the backward of N slices would write N full-size gradients (O(N^2))
+    for u0_n, w_n, q_n, qk_n, k_n, a_n in zip(*(x.unbind(2) for x in (u0, w, q_dec, qk, k_dec, a_end))):
+        u = u0_n - w_n @ S
+        outs.append(q_n @ S + qk_n @ u)
+        S = a_n[..., None, None] * S + k_n.mT @ u
+    o = scale * torch.stack(outs, 2).flatten(2, 3)[:, :, :T]
+    return o.transpose(1, 2).to(out_dtype), (S if output_final_state else None)
