@@ -1,5 +1,5 @@
 """Mixer registry: importing this package registers every mixer family."""
 from llm.model.mixers.base import MIXERS, Mixer, register_mixer
-from llm.model.mixers import softmax, deltanet, mesa  # noqa: F401  (each registers its mixers)
+from llm.model.mixers import deltanet, mesa, momentum, pdssm, softmax  # noqa: F401  (each registers its mixers)
 
 __all__ = ["MIXERS", "Mixer", "register_mixer"]

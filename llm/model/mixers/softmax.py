@@ -25,16 +25,21 @@ class SoftmaxAttention(Mixer):
         self.rotary = Rotary(self.head_dim, cfg.rope_theta)
         self.head_mask = None  # [H] multiplier on head outputs, for head ablation
 
+    def project(self, x):
+        """Projected, normed q [B, T, H, D] and k, v [B, T, Hkv, D] of the new tokens, before rotary."""
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        return q, k, v
+
     def qkv(self, x, cache=None):
         """Projected, normed, rotated q [B, T, H, D] and k, v [B, T, Hkv, D] of the new tokens.
 
         `cache` (None in the parallel form) gives the position of the first token; subclasses that
         transform q/k (momentum) keep what they need there too."""
-        B, T, _ = x.shape
         start = 0 if cache is None else cache["pos"]
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self.project(x)
         return self.rotary(q, start), self.rotary(k, start), v
 
     def out(self, o):
