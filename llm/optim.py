@@ -1,9 +1,14 @@
 """Parameter groups by role (decoupled weight decay) and learning-rate schedules.
 
 Every parameter declares its role where it is defined (`llm.model.roles.set_role`); here roles
-become optimizer groups with their own weight decay and learning-rate scale. AdamW applies decay
-decoupled from the gradient: p -= lr_t * wd * p. With `optim.independent_wd` the decay follows the
-schedule but not the peak LR: p -= schedule_t * wd * p (wd is divided by the group's peak LR).
+become optimizer groups with their own weight decay and learning-rate scale, so the attention
+products (roles qk, vo) can be decayed differently from the rest: L2 on the factors of W_Q^T W_K
+or W_O W_V acts as a nuclear-norm penalty on the product and drives it towards low rank.
+
+AdamW applies decay decoupled from the gradient: p -= lr_t * wd * p. With `optim.independent_wd`
+(Wortsman et al. 2023) the decay follows the schedule but not the peak LR: p -= schedule_t * wd * p
+(implemented by dividing wd by the group's peak LR), so sensible values are ~ lr x the usual wd
+(e.g. 1e-4), and changing the LR no longer changes the decay.
 """
 import math
 
@@ -31,10 +36,12 @@ def param_groups(model, optim_cfg) -> list[dict]:
     for name, params in by_role.items():
         if not params:
             continue
-        opts = optim_cfg.groups.get(name, {}) if optim_cfg.groups else {}
+        opts = (optim_cfg.groups or {}).get(name, {})
         wd = float(opts.get("weight_decay", optim_cfg.weight_decay if name in DECAYED else 0.0))
         lr = optim_cfg.lr * float(opts.get("lr_scale", 1.0))
         if optim_cfg.independent_wd:
+            if lr <= 0:
+                raise ValueError(f"optim.independent_wd needs optim.groups.{name}.lr_scale > 0")
             wd = wd / lr
         groups.append({"name": name, "params": params, "weight_decay": wd, "lr": lr})
     return groups
