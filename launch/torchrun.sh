@@ -5,21 +5,38 @@
 #
 # Environment (defaults in brackets):
 #   NPROC_PER_NODE  ranks per node [number of GPUs, or 1 without GPUs]
-#   NNODES          nodes [1]         NODE_RANK  this node's index [0]
-#   MASTER_ADDR     rendezvous host [127.0.0.1]   MASTER_PORT  its port [29500]
+#   NNODES          nodes [1]; more than one needs MASTER_ADDR
+#   MASTER_ADDR     rendezvous host, any one of the nodes    MASTER_PORT  its port [29500]
 #   RDZV_ID         job id shared by all nodes [llm]
-# Example, two nodes: on each, MASTER_ADDR=node1 NNODES=2 NODE_RANK=<0|1> launch/torchrun.sh cfg.yaml
+# Example, two nodes: on each, MASTER_ADDR=node1 NNODES=2 launch/torchrun.sh cfg.yaml
+#
+# Preemption: SIGTERM or SIGUSR1 to this script (or to all its processes, as Slurm sends them)
+# reaches every local rank, which checkpoints at the next step boundary and exits 0. torchrun
+# itself ignores both: it would die on SIGUSR1, and answer SIGTERM by killing the ranks 30 s later.
 set -euo pipefail
 if [ $# -lt 1 ]; then
-  sed -n '2,12p' "$0"; exit 2
+  sed -n '2,15p' "$0"; exit 2
 fi
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')
 fi
 NNODES=${NNODES:-1}
-rdzv=(--rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" --rdzv_id "${RDZV_ID:-llm}")
 if [ "$NNODES" = 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
   rdzv=(--standalone)  # one node: a private rendezvous on a free port
+elif [ -n "${MASTER_ADDR:-}" ]; then
+  rdzv=(--rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv_id "${RDZV_ID:-llm}")
+else
+  echo "launch/torchrun.sh: NNODES=$NNODES needs MASTER_ADDR (the rendezvous host)" >&2; exit 2
 fi
-exec torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" --node_rank "${NODE_RANK:-0}" \
-  "${rdzv[@]}" -m llm train "$@"
+
+launcher=
+trap 'pkill -USR1 -P "$launcher" || true' USR1  # the ranks are torchrun's children
+trap 'pkill -TERM -P "$launcher" || true' TERM
+export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+(trap '' TERM USR1; exec torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" "${rdzv[@]}" \
+  -m llm train "$@") &
+launcher=$!
+while kill -0 "$launcher" 2>/dev/null; do
+  wait "$launcher" || true  # returns early when a signal is forwarded
+done
+wait "$launcher"  # torchrun's exit status

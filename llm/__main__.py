@@ -46,7 +46,7 @@ COMMANDS = {
     "bench": _lazy("llm.bench"),
     "eval": _lazy("llm.eval.cli"),
     "export": _lazy("llm.export"),
-    "convert": _lazy("llm.export"),
+    "convert": _lazy("llm.checkpoint"),
     "plot": _lazy("llm.eval.plot"),
     "probe": _lazy("llm.eval.probes"),
 }

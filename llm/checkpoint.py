@@ -1,10 +1,17 @@
-"""Checkpoints: DeepSpeed's sharded files plus our own commit protocol, and consolidated loading.
+"""Checkpoints: DeepSpeed's sharded files plus our own commit protocol, resharding, consolidated loading.
 
 Layout under `<out_dir>/checkpoints/`: one directory per tag (`step_00000100`), written by
-DeepSpeed on every rank; once all ranks are done, rank 0 writes `<tag>/complete.json` and then
-atomically replaces `latest`. A crash mid-save leaves a tag without `complete.json`, which
-`find_latest` ignores, so `train.resume=auto` always lands on a whole checkpoint.
+DeepSpeed on every rank; once all ranks are done, rank 0 writes `<tag>/complete.json` (the commit
+record: step, world size, ZeRO stage, global batch and model config) and then atomically replaces
+`latest`. A crash mid-save leaves a tag without `complete.json`, which `find_latest` ignores, so
+`train.resume=auto` always lands on a whole checkpoint.
+
+Resuming on another world size goes through DeepSpeed's universal format, converted once into
+`<tag>_universal` (next to its tag, pruned with it; never a tag itself, as it has no complete.json):
+automatically by `train`, or ahead of time with `python -m llm convert RUN_DIR [--tag TAG]`.
 """
+import argparse
+import contextlib
 import glob
 import json
 import os
@@ -13,6 +20,7 @@ import shutil
 import torch
 
 COMPLETE = "complete.json"
+UNIVERSAL = "_universal"
 
 
 def tag_for(step: int) -> str:
@@ -35,28 +43,40 @@ def complete_tags(ckpt_root: str) -> list[str]:
 
 
 def find_latest(ckpt_root: str):
-    """The newest complete tag, or None. `latest` is trusted only if its tag is complete."""
+    """The newest complete tag, or None. `latest` is trusted only if it names a complete tag."""
+    tags = complete_tags(ckpt_root)
     latest = os.path.join(ckpt_root, "latest")
     if os.path.isfile(latest):
-        tag = open(latest).read().strip()
-        if os.path.isfile(os.path.join(ckpt_root, tag, COMPLETE)):
+        with open(latest, errors="replace") as f:
+            tag = f.read().strip()
+        if tag in tags:
             return tag
-    tags = complete_tags(ckpt_root)
     return tags[-1] if tags else None
 
 
-def save(engine, ckpt_root: str, step: int, client_state: dict, keep_last: int) -> str:
-    """Save on every rank; commit (marker, then `latest`) on rank 0 once all ranks are done."""
+def commit_record(ckpt_root: str, tag: str) -> dict:
+    """The `complete.json` of a tag: step, world_size, zero_stage, global_batch_size, model."""
+    with open(os.path.join(ckpt_root, tag, COMPLETE)) as f:
+        return json.load(f)
+
+
+def save(engine, ckpt_root: str, step: int, client_state: dict, keep_last: int, record: dict) -> str:
+    """Save on every rank; commit (marker with `record`, then `latest`) on rank 0 once all ranks are
+    done; then drop all but the newest `keep_last` complete tags (with their universal copies)."""
     import torch.distributed as dist
 
     tag = tag_for(step)
     engine.save_checkpoint(ckpt_root, tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
-        _write_atomic(os.path.join(ckpt_root, tag, COMPLETE), json.dumps({"step": step}))
+        record = {"step": step, "world_size": dist.get_world_size(), **record}
+        _write_atomic(os.path.join(ckpt_root, tag, COMPLETE), json.dumps(record, indent=1))
         _write_atomic(os.path.join(ckpt_root, "latest"), tag)
         for old in complete_tags(ckpt_root)[:-keep_last]:
+            # The marker goes first, so a half-deleted tag is never taken for a checkpoint.
+            os.remove(os.path.join(ckpt_root, old, COMPLETE))
             shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+            shutil.rmtree(os.path.join(ckpt_root, old + UNIVERSAL), ignore_errors=True)
     dist.barrier()
     return tag
 
@@ -74,6 +94,28 @@ def resolve_resume(resume: str, ckpt_root: str):
     return os.path.dirname(path), os.path.basename(path)
 
 
+def to_universal(ckpt_root: str, tag: str) -> str:
+    """DeepSpeed's universal (world-size-independent) copy of a tag, converted once; its tag name.
+
+    The conversion writes into a temporary directory that is renamed when done, so an existing
+    `<tag>_universal` is always whole."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = os.path.join(ckpt_root, tag + UNIVERSAL)
+    if not os.path.isdir(out):
+        tmp = out + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)  # a conversion that crashed
+        args = argparse.Namespace(  # ds_to_universal's command-line options
+            input_folder=os.path.join(ckpt_root, tag), output_folder=tmp, num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True,
+            inject_missing_state=True)  # ZeRO 1/2 checkpoints lack the universal info
+        with contextlib.redirect_stdout(None):
+            ds_to_universal.main(args)
+        os.remove(os.path.join(ckpt_root, "latest_universal"))  # DeepSpeed's pointer, to the tmp name
+        os.replace(tmp, out)
+    return tag + UNIVERSAL
+
+
 def consolidated_state_dict(ckpt_dir: str, tag: str) -> dict:
     """Full fp32 model weights from a checkpoint written at any ZeRO stage and rank count."""
     tag_dir = os.path.join(ckpt_dir, tag)
@@ -85,6 +127,19 @@ def consolidated_state_dict(ckpt_dir: str, tag: str) -> dict:
     return {k: v.float() for k, v in states["module"].items()}
 
 
+def _run_checkpoints(run_dir: str, tag: str = None):
+    """(checkpoints dir, tag) of a run directory's newest (or given) complete checkpoint."""
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    if tag is None:
+        tag = find_latest(ckpt_root)
+        if tag is None:
+            raise FileNotFoundError(f"{ckpt_root}: no complete checkpoint")
+    elif not os.path.isfile(os.path.join(ckpt_root, tag, COMPLETE)):
+        raise FileNotFoundError(f"{os.path.join(ckpt_root, tag)}: not a complete checkpoint "
+                                f"(complete ones: {', '.join(complete_tags(ckpt_root)) or 'none'})")
+    return ckpt_root, tag
+
+
 def load_model(run_dir: str, tag: str = None):
     """(model, cfg) from a run directory's newest (or given) checkpoint, in eval mode on CPU."""
     from llm.config import load_config
@@ -94,10 +149,18 @@ def load_model(run_dir: str, tag: str = None):
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{run_dir}: no config.yaml; expected a run directory made by `python -m llm train`")
     cfg = load_config(cfg_path)
-    ckpt_root = os.path.join(run_dir, "checkpoints")
-    tag = tag or find_latest(ckpt_root)
-    if tag is None:
-        raise FileNotFoundError(f"{ckpt_root}: no complete checkpoint")
+    ckpt_root, tag = _run_checkpoints(run_dir, tag)
     model = build_model(cfg.model)
     model.load_state_dict(consolidated_state_dict(ckpt_root, tag))
     return model.eval(), cfg
+
+
+def main(argv=None):
+    """`python -m llm convert RUN_DIR [--tag TAG]`: write a checkpoint's universal copy ahead of a
+    resume on another world size (which would otherwise convert it on start)."""
+    p = argparse.ArgumentParser(prog="python -m llm convert", description=main.__doc__)
+    p.add_argument("run_dir")
+    p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
+    a = p.parse_args(argv)
+    ckpt_root, tag = _run_checkpoints(a.run_dir, a.tag)
+    print(os.path.join(ckpt_root, to_universal(ckpt_root, tag)))

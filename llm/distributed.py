@@ -1,6 +1,8 @@
 """Process-group setup for plain `python`, torchrun and SLURM: ranks come from the environment."""
 import os
+import re
 import socket
+import subprocess
 from datetime import timedelta
 
 import torch
@@ -28,6 +30,30 @@ def prepare_env() -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def slurm_time_left():
+    """Seconds until this Slurm job's time limit, or None (not under Slurm, no limit, or squeue failed)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%L"], capture_output=True, text=True,
+                             timeout=60).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_slurm_time(out)
+
+
+def parse_slurm_time(text: str):
+    """Seconds in squeue's `[days-][[hours:]minutes:]seconds`, or None (UNLIMITED, NOT_SET, ...)."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})", text)
+    if not m:
+        return None
+    seconds = 0
+    for part in m.group(2).split(":"):
+        seconds = 60 * seconds + int(part)
+    return 86400 * int(m.group(1) or 0) + seconds
 
 
 def init(timeout_s: float) -> None:

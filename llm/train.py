@@ -157,19 +157,37 @@ def evaluate(engine, windows: torch.Tensor, micro: int, rank: int, world: int) -
     return total / count
 
 
-def _check_checkpoint_fits(cfg, ckpt_dir: str, tag: str) -> None:
-    saved = os.path.join(ckpt_dir, tag, "model.json")
-    if not os.path.isfile(saved):
-        return
-    theirs = json.load(open(saved))
-    ours = OmegaConf.to_container(cfg.model, resolve=True)
-    diff = [k for k in ours if k != "kernels" and theirs.get(k) != ours[k]]
+def _check_checkpoint_fits(cfg, ckpt_dir: str, tag: str) -> dict:
+    """The checkpoint's commit record, once it is clear that the config can continue it."""
+    saved = checkpoint.commit_record(ckpt_dir, tag)
+    ours = {f"model.{k}": v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "kernels"}
+    theirs = {f"model.{k}": v for k, v in saved["model"].items()}
+    for key in ("global_batch_size", "zero_stage"):  # DeepSpeed cannot load another ZeRO stage's layout
+        ours[f"train.{key}"], theirs[f"train.{key}"] = cfg.train[key], saved[key]
+    diff = [f"{k}: checkpoint {theirs.get(k)!r} vs config {v!r}" for k, v in ours.items() if theirs.get(k) != v]
     if diff:
-        detail = ", ".join(f"model.{k}: checkpoint {theirs.get(k)!r} vs config {ours[k]!r}" for k in diff)
-        raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, tag)} does not fit the config ({detail})")
+        raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, tag)} does not fit the config ({', '.join(diff)})")
+    return saved
+
+
+def _load_universal(engine, ckpt_dir: str, tag: str) -> dict:
+    """engine.load_checkpoint of a universal checkpoint; returns the client state.
+
+    DeepSpeed 0.19's ZeRO-3 universal load gives every param group the first one's hyperparameters
+    (weight decay, lr) and all of them one shared Adam step tensor, which each group's update then
+    advances: put back each group's own hyperparameters, at the resumed schedule's lr, and step."""
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    _, client = engine.load_checkpoint(ckpt_dir, tag)
+    for g, ours, lr in zip(engine.optimizer.param_groups, hyper, engine.lr_scheduler.get_last_lr()):
+        g.update(ours, lr=lr)
+    for state in engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    return client
 
 
 def train(cfg) -> dict:
+    job_start, stop = time.time(), StopSignal()  # a preemption signal during setup still counts
     distributed.prepare_env()
     import deepspeed
     from deepspeed.utils import logger as ds_logger
@@ -194,13 +212,28 @@ def train(cfg) -> dict:
         raise ConfigError(f"train.out_dir={t.out_dir} already holds checkpoints: continue it with "
                           f"train.resume=auto, or choose another train.out_dir")
     if resume_from:
-        _check_checkpoint_fits(cfg, *resume_from)
+        saved = _check_checkpoint_fits(cfg, *resume_from)
 
     distributed.init(t.dist_timeout)
     rank, world = distributed.rank(), distributed.world_size()
     dtype = t.dtype if t.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
     config = ds_config(cfg, world, dtype)
     accum = config["gradient_accumulation_steps"]
+    if resume_from:
+        load_from, reshard = resume_from, saved["world_size"] != world
+        if reshard:  # DeepSpeed loads another layout only from its universal format (rank 0 converts once)
+            if rank == 0:
+                checkpoint.to_universal(*resume_from)
+            torch.distributed.barrier()
+            load_from = (resume_from[0], resume_from[1] + checkpoint.UNIVERSAL)
+            config["checkpoint"]["load_universal"] = True
+    # Stop early enough for a few more steps and a checkpoint before the earliest time limit:
+    # train.time_limit, or the Slurm job's end (asked once, by rank 0; the stop flag is all-reduced).
+    limits = {f"train.time_limit={t.time_limit}s": job_start + t.time_limit} if t.time_limit else {}
+    slurm_left = distributed.slurm_time_left() if rank == 0 else None
+    if slurm_left is not None:
+        limits["the Slurm job's time limit"] = time.time() + slurm_left
+    time_limit, deadline = min(limits.items(), key=lambda kv: kv[1], default=(None, math.inf))
 
     torch.manual_seed(t.seed)
     model = build_model(cfg.model)
@@ -213,10 +246,7 @@ def train(cfg) -> dict:
 
     start_step = 0
     if resume_from:
-        _, client = engine.load_checkpoint(*resume_from)
-        if client["global_batch_size"] != t.global_batch_size:
-            raise ConfigError(f"train.global_batch_size={t.global_batch_size} but the checkpoint was "
-                              f"trained with {client['global_batch_size']}")
+        client = _load_universal(engine, *load_from) if reshard else engine.load_checkpoint(*load_from)[1]
         start_step = client["global_sample"] // t.global_batch_size
         _set_rng_state(client["rng"])
     if rank == 0:
@@ -238,16 +268,18 @@ def train(cfg) -> dict:
     for g in group_rows:
         log.echo(f"  param group {g['name']:<12} {g['params']:>10,d} params  wd {g['weight_decay']:g}  lr {g['lr']:g}")
     if resume_from:
-        log.echo(f"resumed from {os.path.join(*resume_from)} at step {start_step}")
+        log.echo(f"resumed from {os.path.join(*load_from)} at step {start_step}"
+                 + (f" (saved by {saved['world_size']} ranks)" if reshard else ""))
+    if time_limit:
+        log.echo(f"time limit: {time_limit}, {deadline - time.time():.0f} s from now")
 
     def save(step_done: int) -> None:
         client = {"step": step_done, "global_sample": step_done * t.global_batch_size,
                   "global_batch_size": t.global_batch_size, "rng": _rng_state(),
                   "config": OmegaConf.to_container(cfg, resolve=True)}
-        tag = checkpoint.save(engine, ckpt_root, step_done, client, t.keep_last)
-        if rank == 0:
-            with open(os.path.join(ckpt_root, tag, "model.json"), "w") as f:
-                json.dump(OmegaConf.to_container(cfg.model, resolve=True), f)
+        record = {"zero_stage": t.zero_stage, "global_batch_size": t.global_batch_size,
+                  "model": OmegaConf.to_container(cfg.model, resolve=True)}
+        tag = checkpoint.save(engine, ckpt_root, step_done, client, t.keep_last, record)
         log.echo(f"checkpoint {tag}")
 
     def eval_metrics(step_done: int) -> dict:
@@ -262,9 +294,8 @@ def train(cfg) -> dict:
         log.write({"step": 0, **metrics})
         log.echo(f"step 0: held-out loss {result['val_loss_start']:.4f}")
 
-    stop = StopSignal()
-    started = window_start = time.time()
-    longest_step, window_steps, loss_sum, z_sum = 0.0, 0, 0.0, 0.0
+    window_start = time.time()
+    longest_step, longest_save, window_steps, loss_sum, z_sum = 0.0, 0.0, 0, 0.0, 0.0
     step_done = start_step
     stop_reason = None
     for step in range(start_step, max_steps):
@@ -283,15 +314,14 @@ def train(cfg) -> dict:
         log.progress(1, loss=f"{ce.item():.3f}")
 
         flags = [float(stop.received is not None),
-                 float(t.time_limit is not None and
-                       time.time() - started + 3 * longest_step > t.time_limit)]
+                 float(time.time() + 3 * longest_step + longest_save > deadline)]
         signalled, out_of_time = distributed.all_reduce(flags, op="max")
         if step_done == t.stop_at_step:
             stop_reason = f"train.stop_at_step={t.stop_at_step}"
         elif signalled:
             stop_reason = "signal " + (stop.received or "on another rank")
         elif out_of_time:
-            stop_reason = f"train.time_limit={t.time_limit}s"
+            stop_reason = time_limit or "a time limit on rank 0"
         last = step_done == max_steps or stop_reason is not None
 
         if step_done % cfg.logging.log_every == 0 or last:
@@ -323,7 +353,9 @@ def train(cfg) -> dict:
             log.write({"step": step_done, **eval_metrics(step_done)})
 
         if step_done % t.ckpt_every == 0 or last:
+            save_start = time.time()
             save(step_done)
+            longest_save = max(longest_save, time.time() - save_start)
         if stop_reason:
             log.echo(f"stopping at step {step_done}: {stop_reason}; resume with train.resume=auto")
             break
