@@ -1,0 +1,72 @@
+"""Evaluation of trained runs: perplexity and bits per byte (`ppl`), the lm-evaluation-harness
+adapter (`harness`), head-level induction telemetry and ablation (`induction`), function-style
+in-context probes (`icl`) and plots (`plot`). `python -m llm eval` (`cli`) runs them; each writes
+one JSON file under RUN_DIR/eval/ and prints a table.
+
+The helpers here are the ones several evaluations share.
+"""
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def token_losses(model, windows, batch_size: int = 16):
+    """Next-token cross-entropy [N, T] of windows [N, T + 1] (inputs windows[:, :-1]), on CPU."""
+    out = []
+    for chunk in windows.split(batch_size):
+        chunk = chunk.to(device_of(model))
+        logits = model(chunk[:, :-1]).float()
+        out.append(F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none").cpu())
+    return torch.cat(out)
+
+
+def split_encode(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) cut from the tokenization of the whole text, so the
+    continuation is tokenized as it reads after the context (sentencepiece marks word starts and
+    adds a dummy prefix to every text it encodes). The continuation keeps at least one token."""
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context) if context else []
+    n = 0
+    while n < min(len(ctx), len(whole) - 1) and ctx[n] == whole[n]:
+        n += 1
+    return whole[:n], whole[n:]
+
+
+def decode_continuation(tokenizer, prefix_ids, ids) -> str:
+    """The text that `ids` add after `prefix_ids`. Decoding `ids` alone would drop the space of a
+    leading word-boundary piece (sentencepiece strips it at the start of a text)."""
+    prefix_ids, ids = list(prefix_ids), list(ids)
+    return tokenizer.decode(prefix_ids + ids)[len(tokenizer.decode(prefix_ids)):]
+
+
+def save_result(run_dir: str, name: str, result: dict) -> str:
+    """Write RUN_DIR/eval/<name>.json (atomically) and return its path."""
+    out_dir = os.path.join(run_dir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def format_table(header: list[str], rows: list[list]) -> str:
+    """A plain-text table with aligned columns; floats to 4 significant digits, None as '-'."""
+    def cell(v):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [list(map(str, header))] + [[cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

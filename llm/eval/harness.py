@@ -1,0 +1,143 @@
+"""lm-evaluation-harness adapter, registered as model type `llm`.
+
+`LLMAdapter(run_dir=...)` loads a run's newest checkpoint and tokenizer; once this module is
+imported, lm-eval also builds it by name (`simple_evaluate(model="llm", model_args="run_dir=...")`).
+`LLMAdapter(model=..., tokenizer=..., max_length=...)` wraps objects in memory. Inputs longer
+than `max_length` (default: the run's data.seq_len, the length it was trained on) are
+left-truncated. Log-likelihoods come from batched, right-padded parallel forwards (every mixer is
+causal, so padding never reaches a scored position); generation is greedy through init_cache /
+forward_step, batching prompts of equal length.
+"""
+import logging
+from collections import defaultdict
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from llm.eval import decode_continuation, split_encode
+
+log = logging.getLogger(__name__)
+
+
+def _batches(items, size):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+@register_model("llm")
+class LLMAdapter(LM):
+    def __init__(self, run_dir=None, tag=None, model=None, tokenizer=None, max_length=None,
+                 batch_size=16, device=None):
+        super().__init__()
+        if model is None:
+            if run_dir is None:
+                raise ValueError("llm adapter: give run_dir=RUN_DIR, or a model and a tokenizer")
+            from data_prep.tokenizer import load_tokenizer
+            from llm.checkpoint import load_model
+            model, cfg = load_model(run_dir, tag)
+            tokenizer = tokenizer or load_tokenizer(cfg.data.path)
+            max_length = max_length or cfg.data.seq_len
+        if tokenizer is None or max_length is None:
+            raise ValueError("llm adapter: a model given directly needs tokenizer= and max_length=")
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ValueError(f"llm adapter: batch_size must be a positive integer, got {batch_size!r}")
+        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self._device).eval()
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.batch_size = int(batch_size)
+        # Documents are joined by EOS in the training shards, so EOS is what precedes a document.
+        self.prefix_id = tokenizer.eos_id
+
+    @property
+    def tokenizer_name(self) -> str:
+        return getattr(self.tokenizer, "path", type(self.tokenizer).__name__)
+
+    @torch.no_grad()
+    def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(sum log-prob of the continuation, whether greedy decoding yields it) for each
+        (context ids, continuation ids); longest first, so each batch has little padding."""
+        results = [None] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+        for batch in _batches(order, self.batch_size):
+            seqs = [(pairs[i][0] + pairs[i][1])[-(self.max_length + 1):] for i in batch]
+            x = torch.zeros(len(batch), max(map(len, seqs)) - 1, dtype=torch.long)
+            for r, s in enumerate(seqs):
+                x[r, :len(s) - 1] = torch.tensor(s[:-1])
+            logprobs = self.model(x.to(self._device)).float().log_softmax(-1).cpu()
+            for r, i in enumerate(batch):
+                n = min(len(pairs[i][1]), len(seqs[r]) - 1)  # a continuation longer than the window is clipped
+                lp = logprobs[r, len(seqs[r]) - 1 - n:len(seqs[r]) - 1]
+                target = torch.tensor(seqs[r][-n:])
+                results[i] = (lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all()))
+        return results
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        pairs = []
+        for req in requests:
+            ctx, cont = split_encode(self.tokenizer, *req.args)
+            pairs.append((ctx or [self.prefix_id], cont))
+        results = self.score(pairs)
+        for req, res in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", req.args, res)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        windows, owner = [], []
+        for i, req in enumerate(requests):
+            ids = self.tokenizer.encode(req.args[0])
+            for w in get_rolling_token_windows(ids, self.prefix_id, self.max_length, context_len=1):
+                windows.append(make_disjoint_window(w))
+                owner.append(i)
+        totals = [0.0] * len(requests)
+        for i, (lp, _) in zip(owner, self.score(windows)):
+            totals[i] += lp
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        groups = defaultdict(list)  # equal prompt lengths and settings share a batched cache
+        for i, req in enumerate(requests):
+            context, kwargs = req.args
+            kwargs = dict(kwargs or {})
+            if kwargs.get("do_sample") and kwargs.get("temperature", 0) > 0:
+                log.warning("llm adapter: sampling requested (%s); decoding greedily", kwargs)
+            until = kwargs.get("until") or []
+            until = (until,) if isinstance(until, str) else tuple(until)
+            max_new = int(kwargs.get("max_gen_toks", 256))
+            ids = self.tokenizer.encode(context) or [self.prefix_id]
+            ids = ids[-max(1, self.max_length - max_new):]  # prompt + generation within max_length
+            groups[(len(ids), max_new, until)].append((i, ids))
+        out = [None] * len(requests)
+        for (_, max_new, until), members in groups.items():
+            for batch in _batches(members, self.batch_size):
+                texts = self.greedy([ids for _, ids in batch], max_new, until)
+                for (i, _), text in zip(batch, texts):
+                    out[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return out
+
+    @torch.no_grad()
+    def greedy(self, prompts: list[list[int]], max_new: int, until=()) -> list[str]:
+        """Greedy continuations of equal-length prompts, each cut before its first stop string
+        (or EOS), through the model's recurrent caches."""
+        cache = self.model.init_cache(len(prompts))
+        logits, cache = self.model.forward_step(torch.tensor(prompts, device=self._device), cache)
+        new = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        for _ in range(max_new):
+            nxt = logits[:, -1].argmax(-1)
+            for r, t in enumerate(nxt.tolist()):
+                if not done[r]:
+                    done[r] = t == self.tokenizer.eos_id
+                    new[r] += [] if done[r] else [t]
+                    text = decode_continuation(self.tokenizer, prompts[r][-1:], new[r])
+                    done[r] = done[r] or any(u in text for u in until)
+            if all(done):
+                break
+            logits, cache = self.model.forward_step(nxt[:, None], cache)
+        texts = [decode_continuation(self.tokenizer, p[-1:], n) for p, n in zip(prompts, new)]
+        return [min((t.split(u)[0] for u in until), key=len, default=t) for t in texts]
