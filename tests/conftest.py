@@ -1,4 +1,12 @@
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tests use tiny tensors: extra OpenMP threads only contend (multi-rank tests run in
+    subprocesses, which torchrun gives one thread each)."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

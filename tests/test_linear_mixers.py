@@ -8,35 +8,17 @@ from llm.config import ConfigError, load_config
 from llm.flops import forward_flops_per_token
 from llm.model import build_model
 from llm.model.roles import param_role
+from stepping import run_in_pieces
 
 LINEAR = ["deltanet", "gated_deltanet", "mesa"]
 TINY = {"vocab_size": 61, "d_model": 32, "n_layers": 2, "n_heads": 2}
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "exp"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine: extra OpenMP threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(mixer, **extra):
     torch.manual_seed(0)
     args = {name: {"chunk_size": 8} for name in LINEAR}  # several chunks in a 23-token window
     return build_model({**TINY, "mixer": mixer, "mixer_args": args, **extra}).eval()
-
-
-def run_in_pieces(model, ids, sizes):
-    cache, outs, start = model.init_cache(ids.shape[0]), [], 0
-    for n in sizes:
-        logits, cache = model.forward_step(ids[:, start:start + n], cache)
-        outs.append(logits)
-        start += n
-    assert start == ids.shape[1]
-    return torch.cat(outs, 1), cache
 
 
 @pytest.mark.parametrize("mixer,pattern", [(m, None) for m in LINEAR] + [("softmax", ["gated_deltanet", "softmax"])])

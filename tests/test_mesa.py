@@ -6,15 +6,6 @@ import torch.nn.functional as F
 from llm.ops.mesa import chunk_mesa, conjugate_gradient, recurrent_mesa
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine: extra OpenMP threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def inputs(B=2, T=37, H=2, K=8, V=6, init=True, seed=0, decay_logit=2.0, lamb_min=0.25):
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731

@@ -3,20 +3,14 @@ import torch
 
 from llm.model import build_model
 from llm.model.roles import param_role
+from stepping import run_in_pieces
 
 TINY = {"vocab_size": 97, "d_model": 32, "n_layers": 2, "n_heads": 4}
 
 
 def pieces_match(model, ids, sizes):
     """forward_step fed in pieces of the given sizes reproduces one forward over the sequence."""
-    full = model(ids)
-    cache, outs, start = model.init_cache(ids.shape[0]), [], 0
-    for n in sizes:
-        logits, cache = model.forward_step(ids[:, start:start + n], cache)
-        outs.append(logits)
-        start += n
-    assert start == ids.shape[1]
-    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run_in_pieces(model, ids, sizes)[0], model(ids), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("extra", [{}, {"qk_norm": True}, {"n_kv_heads": 2}, {"tie_embeddings": False}])
