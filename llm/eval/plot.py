@@ -123,8 +123,8 @@ def plot_runs(run_dirs: list[str], out: str) -> list[str]:
     for run in run_dirs:
         name = os.path.basename(os.path.normpath(run))
         induction = os.path.join(run, "eval", "induction.json")
-        if os.path.isfile(induction):
-            report = json.load(open(induction))
+        report = json.load(open(induction)) if os.path.isfile(induction) else {"layers": []}
+        if any("induction" in e for e in report["layers"]):  # some layer has attention heads
             written.append(induction_heatmaps(report, name, os.path.join(out, f"{name}_induction.png")))
             if report.get("checkpoints"):
                 written.append(induction_evolution(report["checkpoints"], name,
