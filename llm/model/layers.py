@@ -1,4 +1,5 @@
-"""Building blocks shared by the mixers: RMSNorm, SwiGLU MLP, rotary embedding, short causal conv."""
+"""Building blocks shared by the mixers: RMSNorm, SwiGLU MLP, rotary embedding, short causal conv,
+L2 normalization and the gated per-head output norm of the linear mixers."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,3 +74,26 @@ class ShortConv(nn.Module):
         y = F.conv1d(xx.transpose(1, 2), self.conv.weight, groups=self.conv.weight.shape[0]).transpose(1, 2)
         y = F.silu(y) if self.activation else y
         return y, xx[:, xx.shape[1] - (self.kernel_size - 1):]
+
+
+def l2norm(x, eps: float = 1e-6):
+    """x / |x| over the last dim, in fp32 (fla's eps placement)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).type_as(x)
+
+
+class OutputNorm(nn.Module):
+    """Per-head RMSNorm of a mixer's output [B, T, H, V] -> [B, T, H * V], times SiLU(W_g x) of the
+    mixer input x where `use_gate` (fla's FusedRMSNormGated)."""
+
+    def __init__(self, cfg, n_heads: int, head_v: int, use_gate: bool):
+        super().__init__()
+        self.norm = RMSNorm(head_v, cfg.norm_eps)
+        self.g_proj = (set_role(nn.Linear(cfg.d_model, n_heads * head_v, bias=False), "mixer_other")
+                       if use_gate else None)
+
+    def forward(self, o, x):
+        o = self.norm(o)
+        if self.g_proj is not None:
+            o = o * F.silu(self.g_proj(x)).view_as(o)
+        return o.flatten(2)

@@ -14,33 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm.model.layers import RMSNorm, ShortConv, mark_residual
+from llm.model.layers import OutputNorm, ShortConv, l2norm, mark_residual
 from llm.model.mixers.base import Mixer, register_mixer
 from llm.model.roles import set_role
 from llm.ops.delta_rule import chunk_delta_rule, recurrent_delta_rule
-
-
-def l2norm(x, eps: float = 1e-6):
-    """x / |x| over the last dim, in fp32 (fla's eps placement)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).type_as(x)
-
-
-class OutputNorm(nn.Module):
-    """Per-head RMSNorm of a mixer's output [B, T, H, V] -> [B, T, H * V], times SiLU(W_g x) of the
-    mixer input x where `use_gate` (fla's FusedRMSNormGated)."""
-
-    def __init__(self, cfg, n_heads: int, head_v: int, use_gate: bool):
-        super().__init__()
-        self.norm = RMSNorm(head_v, cfg.norm_eps)
-        self.g_proj = (set_role(nn.Linear(cfg.d_model, n_heads * head_v, bias=False), "mixer_other")
-                       if use_gate else None)
-
-    def forward(self, o, x):
-        o = self.norm(o)
-        if self.g_proj is not None:
-            o = o * F.silu(self.g_proj(x)).view_as(o)
-        return o.flatten(2)
 
 
 @register_mixer("deltanet")

@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm.model.layers import ShortConv, mark_residual
+from llm.model.layers import OutputNorm, ShortConv, l2norm, mark_residual
 from llm.model.mixers.base import Mixer, register_mixer
-from llm.model.mixers.deltanet import OutputNorm, l2norm
 from llm.model.roles import set_role
 from llm.ops.mesa import chunk_mesa, recurrent_mesa
 
