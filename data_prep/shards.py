@@ -6,17 +6,18 @@
     train-00000.json     the shard's header: format, split, dtype, vocab_size, tokenizer_sha256, tokens
     val-00000.bin ...
 
-Every file goes to a temporary name first and is moved into place with os.replace, and a writer
+Every file goes to a temporary name first and is moved into place (`llm.files.atomic_path`), and a writer
 removes meta.json before anything else, so an interrupted run never leaves a directory that looks
 complete. `llm.data.TokenShards` reads and validates this format.
 """
 import glob
 import hashlib
-import json
 import os
 import shutil
 
 import numpy as np
+
+from llm.files import atomic_path, write_json
 
 FORMAT = 1
 META = "meta.json"
@@ -40,23 +41,16 @@ def header_path(shard_path: str) -> str:
     return os.path.splitext(shard_path)[0] + ".json"
 
 
-def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def copy_file(src: str, dst: str) -> None:
     if os.path.abspath(src) != os.path.abspath(dst):
-        shutil.copyfile(src, dst + ".tmp")
-        os.replace(dst + ".tmp", dst)
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
 
 
 def begin(out_dir: str) -> None:
     """Make `out_dir` and mark it incomplete (no meta.json) before any shard is written."""
     os.makedirs(out_dir, exist_ok=True)
-    for path in [os.path.join(out_dir, META)] + glob.glob(os.path.join(out_dir, "*.tmp")):
+    for path in [os.path.join(out_dir, META)] + glob.glob(os.path.join(out_dir, "*.tmp.*")):
         if os.path.exists(path):
             os.remove(path)
 
@@ -109,8 +103,8 @@ class ShardWriter:
     def _flush(self) -> None:
         name = f"{self.split}-{len(self.shards):05d}.bin"
         path = os.path.join(self.out_dir, name)
-        self.buf[:self.fill].tofile(path + ".tmp")
-        os.replace(path + ".tmp", path)
+        with atomic_path(path) as tmp:
+            self.buf[:self.fill].tofile(tmp)
         write_json(header_path(path), {
             "format": FORMAT, "split": self.split, "dtype": self.buf.dtype.name,
             "vocab_size": self.vocab_size, "tokenizer_sha256": self.tokenizer_sha256,

@@ -12,6 +12,7 @@ from typing import Iterable
 import sentencepiece as spm
 
 from data_prep.shards import META, TOKENIZER_FILE, file_sha256
+from llm.files import write_atomic
 
 SEP_PIECE = "<sep>"
 
@@ -56,10 +57,7 @@ def train_tokenizer(docs: Iterable[str], out_path: str, vocab_size: int = 4096) 
             max_sentence_length=1 << 16, minloglevel=2)
     except RuntimeError as e:  # e.g. "Vocabulary size too high" for a small corpus
         raise ValueError(f"sentencepiece training (vocab_size={vocab_size}) failed: {e}") from None
-    tmp = out_path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, out_path)
+    write_atomic(out_path, model.getvalue())
     return Tokenizer(out_path)
 
 

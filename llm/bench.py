@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from llm.config import ConfigError, load_config
+from llm.files import write_json
 from llm.model import build_model
 from llm.model.gpt import layer_mixers
 from llm.optim import param_groups
@@ -117,9 +118,7 @@ def main(argv=None) -> int:
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     results = read_results(a.out) + [record]
-    with open(a.out + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(a.out + ".tmp", a.out)
+    write_json(a.out, results)
     print(f"{record['device_name']}: {record['tokens_per_s']:,.0f} tokens/s ({a.steps} steps of "
           f"{cfg.train.micro_batch_size} x {cfg.data.seq_len}, {result['dtype']}) -> {a.out}")
     return 0

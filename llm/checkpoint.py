@@ -19,21 +19,14 @@ import shutil
 
 import torch
 
+from llm.files import atomic_path, write_atomic
+
 COMPLETE = "complete.json"
 UNIVERSAL = "_universal"
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def complete_tags(ckpt_root: str) -> list[str]:
@@ -70,8 +63,8 @@ def save(engine, ckpt_root: str, step: int, client_state: dict, keep_last: int, 
     dist.barrier()
     if dist.get_rank() == 0:
         record = {"step": step, "world_size": dist.get_world_size(), **record}
-        _write_atomic(os.path.join(ckpt_root, tag, COMPLETE), json.dumps(record, indent=1))
-        _write_atomic(os.path.join(ckpt_root, "latest"), tag)
+        write_atomic(os.path.join(ckpt_root, tag, COMPLETE), json.dumps(record, indent=1))
+        write_atomic(os.path.join(ckpt_root, "latest"), tag)
         for old in complete_tags(ckpt_root)[:-keep_last]:
             # The marker goes first, so a half-deleted tag is never taken for a checkpoint.
             os.remove(os.path.join(ckpt_root, old, COMPLETE))
@@ -103,16 +96,14 @@ def to_universal(ckpt_root: str, tag: str) -> str:
 
     out = os.path.join(ckpt_root, tag + UNIVERSAL)
     if not os.path.isdir(out):
-        tmp = out + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)  # a conversion that crashed
-        args = argparse.Namespace(  # ds_to_universal's command-line options
-            input_folder=os.path.join(ckpt_root, tag), output_folder=tmp, num_extract_workers=1,
-            num_merge_workers=1, keep_temp_folder=False, strict=True,
-            inject_missing_state=True)  # ZeRO 1/2 checkpoints lack the universal info
-        with contextlib.redirect_stdout(None):
-            ds_to_universal.main(args)
-        os.remove(os.path.join(ckpt_root, "latest_universal"))  # DeepSpeed's pointer, to the tmp name
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            args = argparse.Namespace(  # ds_to_universal's command-line options
+                input_folder=os.path.join(ckpt_root, tag), output_folder=tmp, num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True,
+                inject_missing_state=True)  # ZeRO 1/2 checkpoints lack the universal info
+            with contextlib.redirect_stdout(None):
+                ds_to_universal.main(args)
+            os.remove(os.path.join(ckpt_root, "latest_universal"))  # DeepSpeed's pointer, to the tmp name
     return tag + UNIVERSAL
 
 

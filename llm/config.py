@@ -321,6 +321,7 @@ def mixer_args(m: DictConfig, name: str, prefix: str = "model."):
 
 
 def save_config(cfg: DictConfig, path) -> None:
-    tmp = f"{path}.tmp"
-    OmegaConf.save(cfg, tmp, resolve=True)
-    os.replace(tmp, path)
+    from llm.files import atomic_path
+
+    with atomic_path(str(path)) as tmp:
+        OmegaConf.save(cfg, tmp, resolve=True)

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from llm import checkpoint, distributed
 from llm.config import ConfigError, save_config
+from llm.files import write_atomic
 from llm.flops import peak_flops, train_flops_per_token
 from llm.optim import describe_groups, lr_schedule, param_groups
 from llm.telemetry import TelemetryLog
@@ -108,9 +109,7 @@ class MetricsLog:
             return
         with open(self.path) as f:
             keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(self.path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(self.path + ".tmp", self.path)
+        write_atomic(self.path, "".join(keep))
 
     def write(self, record: dict) -> None:
         if not self.active:

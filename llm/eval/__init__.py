@@ -5,12 +5,13 @@ one JSON file under RUN_DIR/eval/ and prints a table.
 
 The helpers here are the ones several evaluations share.
 """
-import json
 import math
 import os
 
 import torch
 import torch.nn.functional as F
+
+from llm.files import write_json
 
 
 def device_of(model) -> torch.device:
@@ -52,9 +53,7 @@ def save_result(run_dir: str, name: str, result: dict) -> str:
     out_dir = os.path.join(run_dir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
+    write_json(path, result, default=str)
     return path
 
 

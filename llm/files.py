@@ -1,0 +1,46 @@
+"""Writing so that no reader ever sees half a file: every write goes to a temporary name beside
+the target, is flushed to disk, and is then renamed over the target (atomic on POSIX).
+
+This is the one place that does write-then-replace; everything that publishes a file or a
+directory (configs, commit records, shards, tokenizers, eval results) goes through `atomic_path`.
+"""
+import contextlib
+import json
+import os
+import shutil
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yield a temporary path beside `path`; when the block succeeds, what was written there (a
+    file, or a directory where `path` does not exist yet) replaces `path`; when it fails, it is
+    removed and `path` is untouched."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    remove(tmp)  # left by a crashed process that had our pid
+    try:
+        yield tmp
+        if os.path.isfile(tmp):
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+def write_atomic(path: str, data) -> None:
+    """Write `data` (str or bytes) to `path` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+
+
+def write_json(path: str, obj, **dump_args) -> None:
+    write_atomic(path, json.dumps(obj, indent=1, **dump_args))
+
+
+def remove(path: str) -> None:
+    """Remove a file or a directory tree if it exists."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
