@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from llm.ops import use_kernel
+from llm.ops.utils import use_kernel
 
 
 def attention(q, k, v, backend: str = "auto"):

@@ -14,29 +14,8 @@ The torch paths compute in fp32 and return o in q's dtype and the final state in
 import importlib
 
 import torch
-import torch.nn.functional as F
 
-from llm.ops import use_kernel
-
-
-def check_shapes(q, k, v, **per_token):
-    """Raise ValueError unless q, k are [B, T, H, K], v is [B, T, H, V] and every per-token tensor
-    (None skipped) is [B, T, H]; return (B, T, H, K, V)."""
-    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"expected q, k [B, T, H, K] and v [B, T, H, V] with the same B, T, H; got "
-                         f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
-    B, T, H, K = q.shape
-    if T == 0:
-        raise ValueError("expected at least one token (T >= 1)")
-    for name, t in per_token.items():
-        if t is not None and t.shape != (B, T, H):
-            raise ValueError(f"{name}: expected shape [B, T, H] = {[B, T, H]}, got {list(t.shape)}")
-    return B, T, H, K, v.shape[-1]
-
-
-def check_state(name, t, shape):
-    if t is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+from llm.ops.utils import check_shapes, check_state, chunk_gates, to_chunks, use_kernel
 
 
 def _check(q, k, v, beta, g, initial_state):
@@ -88,30 +67,6 @@ def recurrent_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None,
         S = S + k_t[..., :, None] * u[..., None, :]
         outs.append(scale * torch.einsum("bhk,bhkv->bhv", q_t, S))
     return torch.stack(outs, 1).to(q.dtype), (S if output_final_state else None)
-
-
-def to_chunks(x, chunk_size):
-    """[B, T, H, ...] -> fp32 [B, H, N, C, ...], zero-padded at the end to N * C tokens.
-
-    Zero padding is neutral for these recurrences: a zero key writes nothing, g = 0 does not decay."""
-    x = x.float().movedim(1, 2)
-    pad = -x.shape[2] % chunk_size
-    x = F.pad(x, [0, 0] * (x.ndim - 3) + [0, pad])
-    return x.unflatten(2, (x.shape[2] // chunk_size, chunk_size))
-
-
-def chunk_gates(g, like):
-    """Within-chunk cumulative log-decay G [B, H, N, C] (zeros for g=None; `like` is any chunked
-    [B, H, N, C, ...] input) and the causal decay matrix gamma [B, H, N, C, C], with
-    gamma_ij = exp(G_i - G_j) for j <= i and 0 above the diagonal.
-
-    The exponent is masked before exp, so no large positive number is ever exponentiated; for
-    j <= i it is a sum of log-decays, <= 0 whenever g <= 0, so strong decay underflows to 0."""
-    C = like.shape[3]
-    G = like.new_zeros(like.shape[:4]) if g is None else to_chunks(g, C).cumsum(-1)
-    causal = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()
-    gamma = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    return G, gamma
 
 
 def _chunk(q, k, v, beta, g, scale, initial_state, output_final_state, C):

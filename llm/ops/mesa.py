@@ -17,8 +17,7 @@ matrix, as fla does, rather than autograd through the unrolled iterations.
 import torch
 from torch.autograd.function import once_differentiable
 
-from llm.ops import use_kernel
-from llm.ops.delta_rule import check_shapes, check_state, chunk_gates, to_chunks
+from llm.ops.utils import check_shapes, check_state, chunk_gates, to_chunks, use_kernel
 
 
 def conjugate_gradient(matvec, b, steps, tol=None):
