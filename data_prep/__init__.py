@@ -1,2 +1,3 @@
-"""Corpus preparation: sources -> sentencepiece tokenizer -> memory-mappable token shards, and the
-Bi-Induct rewrite of a token stream. Run `python -m data_prep --help`."""
+"""Corpus preparation: document sources and the `python -m data_prep` CLI, which trains a
+sentencepiece tokenizer, writes memory-mappable token shards and rewrites them with Bi-Induct
+through `llm.data` (the format, tokenizer and rewrite live there). Run `python -m data_prep --help`."""

@@ -9,10 +9,11 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from data_prep import shards
-from data_prep.bi_induct import MODES, RewriteStats, check_args, rewrite
 from data_prep.sources import documents
-from data_prep.tokenizer import load_tokenizer, train_tokenizer
+from llm.data import shards
+from llm.data.bi_induct import MODES, RewriteStats, check_args, rewrite
+from llm.data.tokenizer import load_tokenizer, train_tokenizer
+from llm.files import write_json
 
 
 def main(argv=None) -> int:
@@ -126,12 +127,10 @@ def tokenize(args) -> None:
 
 
 def bi_induct(args) -> None:
-    from llm.data import TokenShards
-
     started = time.time()
     if os.path.abspath(args.in_dir) == os.path.abspath(args.out):
         raise ValueError("--out must differ from --in (the natural shards stay as they are)")
-    source = {s: TokenShards(args.in_dir, s) for s in shards.SPLITS}
+    source = {s: shards.TokenShards(args.in_dir, s) for s in shards.SPLITS}
     train = source["train"]
     check_args(args.mode, args.rate, args.span, train.sep_id, args.seq_len)
     if train.bi_induct:
@@ -157,7 +156,7 @@ def bi_induct(args) -> None:
     record = {"mode": args.mode, "rate": args.rate, "span": list(args.span), "seed": args.seed,
               "seq_len": T, "sep_id": train.sep_id, "source": os.path.abspath(args.in_dir),
               "stats": stats.as_dict()}
-    shards.write_json(os.path.join(args.out, "bi_induct_stats.json"), record)
+    write_json(os.path.join(args.out, "bi_induct_stats.json"), record)
     shards.finish(args.out, {**train.meta, "splits": splits, "bi_induct": record})
     s = record["stats"]
     print(f"bi-induct {args.mode} rate {args.rate} span {args.span} seed {args.seed} seq_len {T}: "

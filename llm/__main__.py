@@ -23,7 +23,7 @@ def _generate(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
     a = p.parse_args(argv)
-    from data_prep.tokenizer import load_tokenizer
+    from llm.data import load_tokenizer
     from llm.checkpoint import load_model
     from llm.generate import sample
     model, cfg = load_model(a.run_dir, a.tag)

@@ -2,7 +2,7 @@
 
 DIR gets `model.safetensors` (fp32 weights consolidated from any ZeRO stage and rank count),
 `config.json` (the model config, for `build_model`) and `tokenizer.model` (which
-`data_prep.tokenizer.load_tokenizer(DIR)` reads). `load_exported(DIR)` builds the model back.
+`llm.data.load_tokenizer(DIR)` reads). `load_exported(DIR)` builds the model back.
 """
 import argparse
 import json
@@ -16,7 +16,7 @@ WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.mode
 
 
 def export(run_dir: str, out_dir: str, tag: str = None) -> None:
-    from data_prep.tokenizer import load_tokenizer
+    from llm.data import load_tokenizer
     from llm.checkpoint import load_model
 
     model, cfg = load_model(run_dir, tag)

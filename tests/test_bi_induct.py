@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.bi_induct import rewrite
 from data_prep.cli import main
 from llm.data import DataError, TokenShards, WindowLoader, eval_windows
+from llm.data.bi_induct import rewrite
 
 SEP = 60001
 # A stream of distinct tokens, so a copied token can only come from its snippet's first half.

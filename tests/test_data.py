@@ -1,11 +1,16 @@
+import ast
 import json
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from llm.data import DataError, TokenShards, WindowLoader, eval_windows, rank_batches
+import llm
+from llm.data import DataError, TokenShards, WindowLoader, eval_windows, load_tokenizer, rank_batches
 
 T = 32
 
@@ -54,6 +59,39 @@ def test_header_from_another_tokenizer_is_refused(data_copy):
     head.write_text(json.dumps({**h, "tokenizer_sha256": "0" * 64}))
     with pytest.raises(DataError, match=r"val-00000\.json: tokenizer_sha256='0000"):
         TokenShards(data_copy, "val")
+
+
+def test_meta_and_tokenizer_are_checked_by_one_reader(data_copy):
+    # TokenShards and load_tokenizer read a data directory's meta.json and tokenizer the same way.
+    meta_path = data_copy / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "tokenizer": {"file": "tokenizer.model"}}))
+    for read in (lambda: TokenShards(data_copy, "train"), lambda: load_tokenizer(str(data_copy))):
+        with pytest.raises(DataError, match=r"meta\.json: missing field tokenizer\.sha256; remake it with: "
+                                            r"python -m data_prep tokenize"):
+            read()
+    meta_path.write_text(json.dumps({**meta, "format": 2}))
+    with pytest.raises(DataError, match=r"meta\.json: format 2, this code reads format 1"):
+        load_tokenizer(str(data_copy))
+    meta_path.write_text(json.dumps(meta))
+    assert load_tokenizer(str(data_copy)).sha256 == meta["tokenizer"]["sha256"]
+    shutil.copyfile(data_copy / "train-00000.bin", data_copy / "tokenizer.model")  # a foreign file
+    for read in (lambda: TokenShards(data_copy, "val"), lambda: load_tokenizer(str(data_copy))):
+        with pytest.raises(DataError, match=r"tokenizer\.model: missing or not the tokenizer meta\.json names"):
+            read()
+
+
+def test_writing_data_needs_neither_torch_nor_the_config_and_llm_never_imports_data_prep():
+    code = ("import sys, data_prep.cli, llm.data; "
+            "print(sorted({'torch', 'omegaconf', 'llm.config'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    llm_root = pathlib.Path(llm.__file__).parent
+    for path in llm_root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "data_prep" for n in names), f"{path} imports {names}"
 
 
 def test_out_of_vocab_token_names_the_shard(data_copy):

@@ -9,9 +9,9 @@ import pytest
 
 from data_prep.cli import _split_of, main
 from data_prep.sources import documents, python_docs
-from data_prep.shards import file_sha256
-from data_prep.tokenizer import load_tokenizer, train_tokenizer
 from llm.data import DataError, TokenShards
+from llm.data.shards import file_sha256
+from llm.data.tokenizer import load_tokenizer, train_tokenizer
 
 
 def test_tokenizer_round_trip_and_special_ids(tmp_path, data_topics):

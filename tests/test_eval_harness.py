@@ -12,7 +12,7 @@ MAX_LEN = 24
 
 @pytest.fixture(scope="module")
 def tok(data_dir):
-    from data_prep.tokenizer import load_tokenizer
+    from llm.data import load_tokenizer
     return load_tokenizer(data_dir)
 
 

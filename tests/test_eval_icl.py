@@ -9,7 +9,7 @@ from llm.eval.icl import KS, STORE, TASKS, icl_accuracy, make_episodes, probe_vo
 
 @pytest.fixture(scope="module")
 def tok(data_dir):
-    from data_prep.tokenizer import load_tokenizer
+    from llm.data import load_tokenizer
     return load_tokenizer(data_dir)
 
 

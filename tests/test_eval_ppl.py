@@ -16,7 +16,7 @@ def test_position_buckets():
 
 
 def test_perplexity_equals_direct_computation(data_dir):
-    from data_prep.tokenizer import load_tokenizer
+    from llm.data import load_tokenizer
 
     tok = load_tokenizer(data_dir)
     shards = TokenShards(data_dir, "val")

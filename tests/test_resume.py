@@ -121,7 +121,7 @@ def test_resume_on_another_world_size(stage, nproc, straight, resumed):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 3])
 def test_export_gives_the_trained_model(stage, stopped, tmp_path):
-    from data_prep.tokenizer import load_tokenizer
+    from llm.data import load_tokenizer
     from llm.__main__ import main
     from llm.data import TokenShards, eval_windows
     from llm.export import load_exported

@@ -167,7 +167,7 @@ def run_induction(a, model, cfg, tok, tag) -> dict:
 
 def main(argv=None):
     a = parse(argv)
-    from data_prep.tokenizer import load_tokenizer
+    from llm.data import load_tokenizer
     from llm.checkpoint import find_latest, load_model
 
     model, cfg = load_model(a.run_dir, a.tag)

@@ -34,7 +34,7 @@ class LLMAdapter(LM):
         if model is None:
             if run_dir is None:
                 raise ValueError("llm adapter: give run_dir=RUN_DIR, or a model and a tokenizer")
-            from data_prep.tokenizer import load_tokenizer
+            from llm.data import load_tokenizer
             from llm.checkpoint import load_model
             model, cfg = load_model(run_dir, tag)
             tokenizer = tokenizer or load_tokenizer(cfg.data.path)

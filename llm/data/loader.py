@@ -1,4 +1,4 @@
-"""Memory-mapped token shards and the deterministic, resumable window sampler.
+"""The deterministic, resumable window sampler over token shards, and held-out evaluation windows.
 
 The training stream is cut into non-overlapping windows of seq_len + 1 tokens that share their
 edge token: window w is tokens [w*T, w*T + T + 1), T = seq_len (inputs are its first T tokens,
@@ -7,121 +7,20 @@ and the g-th sample of the run (g counts across epochs) is window perm_e[g mod N
 optimizer step consumes global samples [step*G, (step+1)*G), however they are split over ranks
 and micro-steps, so the data position is one number (g) and any rank count reads the same stream.
 """
-import json
-import os
-
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from data_prep.bi_induct import RewriteStats, check_args, rewrite
-from data_prep.shards import FORMAT, META, SPLITS, file_sha256, header_path, token_dtype
 from llm.config import BiInductConfig
-
-
-class DataError(ValueError):
-    """Token data is missing, incomplete, corrupt or does not fit the config; names the file."""
-
-
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError as e:
-        raise DataError(f"{path}: not valid JSON ({e}); remake the directory with: "
-                        f"{_make_command(os.path.dirname(path))}") from None
-
-
-def _make_command(path) -> str:
-    return f"python -m data_prep tokenize --source builtin:python-docs --out {path}"
-
-
-class TokenShards:
-    """One split ("train" or "val") of a directory written by `python -m data_prep tokenize`."""
-
-    def __init__(self, path, split: str):
-        self.path = os.fspath(path)
-        meta_path = os.path.join(self.path, META)
-        if not os.path.isfile(meta_path):
-            what = ("does not exist" if not os.path.isdir(self.path)
-                    else f"has no {META} (incomplete, or not a data directory)")
-            raise DataError(f"data directory {self.path} {what}; make it with: {_make_command(self.path)}")
-        if split not in SPLITS:
-            raise DataError(f"split: got {split!r}, expected one of {', '.join(SPLITS)}")
-        try:
-            meta = self.meta = _read_json(meta_path)
-            self.vocab_size = int(meta["vocab_size"])
-            self.eos_id, self.sep_id = meta["special_ids"]["eos"], meta["special_ids"]["sep"]
-            self.tokenizer_path = os.path.join(self.path, meta["tokenizer"]["file"])
-            sha, entry = meta["tokenizer"]["sha256"], meta["splits"][split]
-        except (KeyError, TypeError) as e:
-            raise DataError(f"{meta_path}: missing field ({e!r}); remake it with: "
-                            f"{_make_command(self.path)}") from None
-        if meta.get("format") != FORMAT:
-            raise DataError(f"{meta_path}: format {meta.get('format')!r}, this code reads format {FORMAT}; "
-                            f"remake it with: {_make_command(self.path)}")
-        if not os.path.isfile(self.tokenizer_path) or file_sha256(self.tokenizer_path) != sha:
-            raise DataError(f"{self.tokenizer_path}: missing or not the tokenizer meta.json names "
-                            f"(sha256 {sha[:12]}...); remake the directory with: {_make_command(self.path)}")
-        self.dtype = token_dtype(self.vocab_size)
-        self.split = split
-        self.files = [os.path.join(self.path, name) for name in entry["shards"]]
-        self.arrays = [self._open(f, sha) for f in self.files]
-        self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
-        self.num_tokens = int(self.offsets[-1])
-        if self.num_tokens != entry["tokens"]:
-            raise DataError(f"{meta_path}: splits.{split}.tokens={entry['tokens']} but its shards hold "
-                            f"{self.num_tokens} tokens")
-
-    def _open(self, file: str, sha: str) -> np.ndarray:
-        head_file = header_path(file)
-        if not os.path.isfile(file) or not os.path.isfile(head_file):
-            raise DataError(f"{file}: shard or its header {os.path.basename(head_file)} is missing; "
-                            f"remake the directory with: {_make_command(self.path)}")
-        head = _read_json(head_file)
-        expected = {"dtype": self.dtype.name, "vocab_size": self.vocab_size, "tokenizer_sha256": sha}
-        for key, want in expected.items():
-            if head.get(key) != want:
-                raise DataError(f"{head_file}: {key}={head.get(key)!r}, expected {want!r} (from {META})")
-        if not isinstance(head.get("tokens"), int) or head["tokens"] < 0:
-            raise DataError(f"{head_file}: tokens={head.get('tokens')!r}, expected a token count")
-        size, want = os.path.getsize(file), head["tokens"] * self.dtype.itemsize
-        if size != want:
-            raise DataError(f"{file}: {size} bytes, expected {want} ({head['tokens']} {self.dtype.name} "
-                            f"tokens per its header): truncated or corrupt; remake it with: "
-                            f"{_make_command(self.path)}")
-        if not head["tokens"]:
-            return np.empty(0, dtype=self.dtype)
-        return np.memmap(file, dtype=self.dtype, mode="r", shape=(head["tokens"],))
-
-    def slice(self, start: int, stop: int) -> np.ndarray:
-        """Tokens [start, stop) of the split's concatenated stream (a copy)."""
-        if not 0 <= start <= stop <= self.num_tokens:
-            raise IndexError(f"slice [{start}, {stop}) outside the {self.num_tokens} tokens of "
-                             f"{self.path} {self.split}")
-        out = np.empty(stop - start, dtype=self.dtype)
-        pos, i = start, int(np.searchsorted(self.offsets, start, side="right")) - 1
-        while pos < stop:
-            shard_start = self.offsets[i]
-            piece = self.arrays[i][pos - shard_start:stop - shard_start]
-            if len(piece) and piece.max() >= self.vocab_size:
-                raise DataError(f"{self.files[i]}: token id {int(piece.max())} >= vocab_size "
-                                f"{self.vocab_size}: corrupt shard; remake it with: {_make_command(self.path)}")
-            out[pos - start:pos - start + len(piece)] = piece
-            pos, i = pos + len(piece), i + 1
-        return out
-
-    @property
-    def bi_induct(self):
-        """The Bi-Induct rewrite these shards hold (`python -m data_prep bi-induct`), or None."""
-        return self.meta.get("bi_induct")
+from llm.data.bi_induct import RewriteStats, check_args, rewrite
+from llm.data.shards import DataError, TokenShards
 
 
 class WindowLoader:
     """Training windows by global sample index g; see the module docstring for the order.
 
     `bi_induct` is the config's data.bi_induct node (or None). With mode != none and apply=online,
-    each training window is rewritten by `data_prep.bi_induct.rewrite` from (bi_induct.seed, its
+    each training window is rewritten by `llm.data.bi_induct.rewrite` from (bi_induct.seed, its
     window index) at the rate of the step that reads it (annealed linearly to zero over max_steps
     when anneal=linear), so a resumed run reads exactly the same tokens. apply=prep expects the
     shards to hold that rewrite already (`python -m data_prep bi-induct`) and checks they do.

@@ -1,17 +1,17 @@
-"""A sentencepiece BPE tokenizer: training on documents, and a small wrapper for loading it.
+"""The sentencepiece BPE tokenizer: training it on documents, and `load_tokenizer`, the one way
+every part of the library loads it (from a data directory, an exported model directory or a file).
 
 Reserved ids: 0 <unk>, 1 <s> (bos), 2 </s> (eos, joins documents in the shards), 3 <sep> (Bi-Induct's
 separator), 4 a newline piece. Byte fallback makes any text encodable, and the text is not
 normalized (identity rule, whitespace kept), so decode(encode(text)) == text.
 """
 import io
-import json
 import os
 from typing import Iterable
 
 import sentencepiece as spm
 
-from data_prep.shards import META, TOKENIZER_FILE, file_sha256
+from llm.data.shards import META, TOKENIZER_FILE, file_sha256, make_command, read_meta, tokenizer_path
 from llm.files import write_atomic
 
 SEP_PIECE = "<sep>"
@@ -27,7 +27,7 @@ class Tokenizer:
         self.sep_id = self.sp.piece_to_id(SEP_PIECE)
         if self.sep_id == self.unk_id:
             raise ValueError(f"{self.path}: the tokenizer has no {SEP_PIECE} piece; train it with "
-                             f"`python -m data_prep tokenize` (data_prep.tokenizer.train_tokenizer)")
+                             f"`python -m data_prep tokenize` (llm.data.tokenizer.train_tokenizer)")
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -61,17 +61,12 @@ def train_tokenizer(docs: Iterable[str], out_path: str, vocab_size: int = 4096) 
     return Tokenizer(out_path)
 
 
-def load_tokenizer(data_dir_or_model_path: str) -> Tokenizer:
-    """The tokenizer of a data directory (its meta.json names the file) or a .model file."""
-    path = data_dir_or_model_path
-    if os.path.isdir(path):
-        meta_path = os.path.join(path, META)
-        name = TOKENIZER_FILE
-        if os.path.isfile(meta_path):
-            name = json.load(open(meta_path))["tokenizer"]["file"]
-        path = os.path.join(path, name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path}: no tokenizer here; make one with: python -m data_prep tokenize "
-            f"--source builtin:python-docs --out {data_dir_or_model_path}")
-    return Tokenizer(path)
+def load_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer of a data directory (the file its meta.json names, checked against the sha256
+    recorded there), of a directory without meta.json (its tokenizer.model: an export), or a .model file."""
+    if os.path.isfile(os.path.join(path, META)):
+        return Tokenizer(tokenizer_path(path, read_meta(path)))
+    model_file = os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
+    if not os.path.isfile(model_file):
+        raise FileNotFoundError(f"{model_file}: no tokenizer here; make one with: {make_command(path)}")
+    return Tokenizer(model_file)
