@@ -29,6 +29,17 @@ def token_losses(model, windows, batch_size: int = 16):
     return torch.cat(out)
 
 
+@torch.no_grad()
+def padded_logits(model, seqs: list[list[int]]) -> torch.Tensor:
+    """Float logits [N, longest - 1, V], on the model's device, of each sequence's inputs seq[:-1]
+    in one right-padded batch: every mixer is causal, so padding never reaches a real position
+    (row r's logits at t < len(seqs[r]) - 1 are those of the sequence alone)."""
+    x = torch.zeros(len(seqs), max(map(len, seqs)) - 1, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        x[r, :len(s) - 1] = torch.tensor(s[:-1])
+    return model(x.to(device_of(model))).float()
+
+
 def split_encode(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) cut from the tokenization of the whole text, so the
     continuation is tokenized as it reads after the context (sentencepiece marks word starts and

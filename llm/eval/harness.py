@@ -16,7 +16,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from llm.eval import decode_continuation, split_encode
+from llm.eval import decode_continuation, padded_logits, split_encode
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,7 @@ class LLMAdapter(LM):
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
         for batch in _batches(order, self.batch_size):
             seqs = [(pairs[i][0] + pairs[i][1])[-(self.max_length + 1):] for i in batch]
-            x = torch.zeros(len(batch), max(map(len, seqs)) - 1, dtype=torch.long)
-            for r, s in enumerate(seqs):
-                x[r, :len(s) - 1] = torch.tensor(s[:-1])
-            logprobs = self.model(x.to(self._device)).float().log_softmax(-1).cpu()
+            logprobs = padded_logits(self.model, seqs).log_softmax(-1).cpu()
             for r, i in enumerate(batch):
                 n = min(len(pairs[i][1]), len(seqs[r]) - 1)  # a continuation longer than the window is clipped
                 lp = logprobs[r, len(seqs[r]) - 1 - n:len(seqs[r]) - 1]
