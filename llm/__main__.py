@@ -25,10 +25,11 @@ def _generate(argv):
     a = p.parse_args(argv)
     from data_prep.tokenizer import load_tokenizer
     from llm.checkpoint import load_model
-    from llm.generate import sample
+    from llm.generate import generate
     model, cfg = load_model(a.run_dir, a.tag)
     tok = load_tokenizer(cfg.data.path)
-    ids = sample(model, tok.encode(a.prompt), a.max_new_tokens, a.temperature, a.top_k, tok.eos_id, a.seed)
+    [ids] = generate(model, [tok.encode(a.prompt)], a.max_new_tokens, a.temperature, a.top_k, tok.eos_id,
+                     a.seed)
     print(a.prompt + tok.decode(ids))
 
 

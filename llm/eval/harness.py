@@ -5,8 +5,8 @@ imported, lm-eval also builds it by name (`simple_evaluate(model="llm", model_ar
 `LLMAdapter(model=..., tokenizer=..., max_length=...)` wraps objects in memory. Inputs longer
 than `max_length` (default: the run's data.seq_len, the length it was trained on) are
 left-truncated. Log-likelihoods come from batched, right-padded parallel forwards (every mixer is
-causal, so padding never reaches a scored position); generation is greedy through init_cache /
-forward_step, batching prompts of equal length.
+causal, so padding never reaches a scored position); generation is greedy through
+`llm.generate.generate` (the caches of init_cache / forward_step), batching prompts of equal length.
 """
 import logging
 from collections import defaultdict
@@ -17,6 +17,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from llm.eval import decode_continuation, padded_logits, split_encode
+from llm.generate import generate
 
 log = logging.getLogger(__name__)
 
@@ -117,24 +118,16 @@ class LLMAdapter(LM):
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out
 
-    @torch.no_grad()
     def greedy(self, prompts: list[list[int]], max_new: int, until=()) -> list[str]:
         """Greedy continuations of equal-length prompts, each cut before its first stop string
-        (or EOS), through the model's recurrent caches."""
-        cache = self.model.init_cache(len(prompts))
-        logits, cache = self.model.forward_step(torch.tensor(prompts, device=self._device), cache)
-        new = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        for _ in range(max_new):
-            nxt = logits[:, -1].argmax(-1)
-            for r, t in enumerate(nxt.tolist()):
-                if not done[r]:
-                    done[r] = t == self.tokenizer.eos_id
-                    new[r] += [] if done[r] else [t]
-                    text = decode_continuation(self.tokenizer, prompts[r][-1:], new[r])
-                    done[r] = done[r] or any(u in text for u in until)
-            if all(done):
-                break
-            logits, cache = self.model.forward_step(nxt[:, None], cache)
-        texts = [decode_continuation(self.tokenizer, p[-1:], n) for p, n in zip(prompts, new)]
+        (or EOS)."""
+        def text(row, new):
+            return decode_continuation(self.tokenizer, prompts[row][-1:], new)
+
+        def stopped(row, new):
+            return any(u in text(row, new) for u in until)
+
+        new = generate(self.model, prompts, max_new, temperature=0, eos_id=self.tokenizer.eos_id,
+                       stop=stopped)
+        texts = [text(row, n) for row, n in enumerate(new)]
         return [min((t.split(u)[0] for u in until), key=len, default=t) for t in texts]
