@@ -1,8 +1,9 @@
 """Decoding through the recurrent caches: prefill the prompts once, then one token per step.
 
-`generate` is the one decoding loop: `python -m llm generate` samples with it and the lm-eval
-adapter decodes greedily with it (temperature 0), passing its stop strings as `stop`.
+`generate` is the one decoding loop: `python -m llm generate` (`main`) samples with it and the
+lm-eval adapter decodes greedily with it (temperature 0), passing its stop strings as `stop`.
 """
+import argparse
 from typing import Callable
 
 import torch
@@ -51,3 +52,21 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
             break
         logits, cache = model.forward_step(torch.tensor(tokens, device=device)[:, None], cache)
     return new
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m llm generate", description="Sample from a run's last checkpoint.")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
+    a = p.parse_args(argv)
+    from llm.eval import decode_continuation, load_run
+
+    model, _, tok, _ = load_run(a.run_dir, a.tag)
+    prompt = tok.encode(a.prompt)
+    [new] = generate(model, [prompt], a.max_new_tokens, a.temperature, a.top_k, tok.eos_id, a.seed)
+    print(a.prompt + decode_continuation(tok, prompt, new))

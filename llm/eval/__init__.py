@@ -14,6 +14,17 @@ import torch.nn.functional as F
 from llm.files import write_json
 
 
+def load_run(run_dir: str, tag: str | None = None, device="cpu"):
+    """(model in eval mode on `device`, resolved config, tokenizer of its data, checkpoint tag) of a
+    run directory's given checkpoint, or its newest complete one."""
+    from data_prep.tokenizer import load_tokenizer
+    from llm.checkpoint import find_latest, load_model
+
+    model, cfg = load_model(run_dir, tag)
+    tag = tag or find_latest(os.path.join(run_dir, "checkpoints"))
+    return model.to(device), cfg, load_tokenizer(cfg.data.path), tag
+
+
 def device_of(model) -> torch.device:
     return next(model.parameters()).device
 

@@ -16,7 +16,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from llm.eval import decode_continuation, padded_logits, split_encode
+from llm.eval import decode_continuation, load_run, padded_logits, split_encode
 from llm.generate import generate
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,8 @@ class LLMAdapter(LM):
         if model is None:
             if run_dir is None:
                 raise ValueError("llm adapter: give run_dir=RUN_DIR, or a model and a tokenizer")
-            from data_prep.tokenizer import load_tokenizer
-            from llm.checkpoint import load_model
-            model, cfg = load_model(run_dir, tag)
-            tokenizer = tokenizer or load_tokenizer(cfg.data.path)
+            model, cfg, run_tokenizer, _ = load_run(run_dir, tag)
+            tokenizer = tokenizer or run_tokenizer
             max_length = max_length or cfg.data.seq_len
         if tokenizer is None or max_length is None:
             raise ValueError("llm adapter: a model given directly needs tokenizer= and max_length=")
