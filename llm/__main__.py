@@ -13,25 +13,6 @@ def _train(argv):
     train(load_config(a.config, a.overrides))
 
 
-def _generate(argv):
-    p = argparse.ArgumentParser(prog="python -m llm generate", description="Sample from a run's last checkpoint.")
-    p.add_argument("run_dir")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
-    a = p.parse_args(argv)
-    from llm.data import load_tokenizer
-    from llm.checkpoint import load_model
-    from llm.generate import sample
-    model, cfg = load_model(a.run_dir, a.tag)
-    tok = load_tokenizer(cfg.data.path)
-    ids = sample(model, tok.encode(a.prompt), a.max_new_tokens, a.temperature, a.top_k, tok.eos_id, a.seed)
-    print(a.prompt + tok.decode(ids))
-
-
 def _lazy(module: str):
     """A command implemented by `module.main(argv)`."""
     def run(argv):
@@ -42,7 +23,7 @@ def _lazy(module: str):
 
 COMMANDS = {
     "train": _train,
-    "generate": _generate,
+    "generate": _lazy("llm.generate"),
     "bench": _lazy("llm.bench"),
     "eval": _lazy("llm.eval.cli"),
     "export": _lazy("llm.export"),

@@ -1,30 +1,72 @@
-"""Sampling with the recurrent caches: prefill the prompt once, then one token per step."""
+"""Decoding through the recurrent caches: prefill the prompts once, then one token per step.
+
+`generate` is the one decoding loop: `python -m llm generate` (`main`) samples with it and the
+lm-eval adapter decodes greedily with it (temperature 0), passing its stop strings as `stop`.
+"""
+import argparse
+from typing import Callable
+
 import torch
 
 
+def next_tokens(logits, temperature: float, top_k: int | None, generator: torch.Generator) -> list[int]:
+    """One token per row of logits [B, V]: the argmax at temperature 0 or top-k 1, otherwise a draw
+    from softmax(logits / temperature) over the top_k largest (all if None), on CPU with
+    `generator` so a seed gives the same text on any device."""
+    if temperature <= 0 or top_k == 1:
+        return logits.argmax(-1).tolist()
+    logits = logits.float().cpu() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0].tolist()
+
+
 @torch.no_grad()
-def sample(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
-           top_k: int | None = None, eos_id: int | None = None, seed: int = 0) -> list[int]:
-    """Continue `prompt_ids`; temperature 0 is greedy. Stops early at `eos_id`."""
-    if not prompt_ids:
-        raise ValueError("the prompt is empty: give at least one token")
-    gen = torch.Generator().manual_seed(seed)
+def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, eos_id: int | None = None, seed: int = 0,
+             stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+    """The new tokens after each of the equal-length `prompts` (one batch, one cache). A row ends
+    at `eos_id` (not included), after max_new_tokens, or once `stop(row, its new tokens)` is true;
+    decoding ends when every row has."""
+    if not prompts or not all(prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    if len(set(map(len, prompts))) > 1:
+        raise ValueError(f"generate: the prompts of one batch share a cache and need equal lengths, "
+                         f"got lengths {sorted(set(map(len, prompts)))}")
+    generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    cache = model.init_cache(1)
-    logits, cache = model.forward_step(torch.tensor([prompt_ids], device=device), cache)
-    out = []
+    logits, cache = model.forward_step(torch.tensor(prompts, device=device), model.init_cache(len(prompts)))
+    new = [[] for _ in prompts]
+    done = [False] * len(prompts)
     for _ in range(max_new_tokens):
-        next_logits = logits[0, -1].float().cpu()
-        if temperature <= 0:
-            token = int(next_logits.argmax())
-        else:
-            next_logits = next_logits / temperature
-            if top_k:
-                kth = torch.topk(next_logits, min(top_k, next_logits.numel())).values[-1]
-                next_logits = next_logits.masked_fill(next_logits < kth, float("-inf"))
-            token = int(torch.multinomial(next_logits.softmax(-1), 1, generator=gen))
-        if token == eos_id:
+        tokens = next_tokens(logits[:, -1], temperature, top_k, generator)
+        for row, token in enumerate(tokens):
+            if done[row]:
+                continue
+            done[row] = token == eos_id
+            if not done[row]:
+                new[row].append(token)
+                done[row] = stop is not None and stop(row, new[row])
+        if all(done):
             break
-        out.append(token)
-        logits, cache = model.forward_step(torch.tensor([[token]], device=device), cache)
-    return out
+        logits, cache = model.forward_step(torch.tensor(tokens, device=device)[:, None], cache)
+    return new
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m llm generate", description="Sample from a run's last checkpoint.")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
+    a = p.parse_args(argv)
+    from llm.eval import decode_continuation, load_run
+
+    model, _, tok, _ = load_run(a.run_dir, a.tag)
+    prompt = tok.encode(a.prompt)
+    [new] = generate(model, [prompt], a.max_new_tokens, a.temperature, a.top_k, tok.eos_id, a.seed)
+    print(a.prompt + decode_continuation(tok, prompt, new))

@@ -91,6 +91,21 @@ def test_adapter_is_registered_and_loads_a_run(run_dir):
     assert lm.max_length == 64 and lm.batch_size == 4 and len(lm.model.blocks) == 3
 
 
+def test_generate_command_continues_the_prompt(run_dir, capsys):
+    from llm.eval import decode_continuation, load_run
+    from llm.generate import generate
+
+    model, _, tok, tag = load_run(run_dir)
+    assert tag == "step_00000002"
+    prompt = tok.encode("The value of")
+    want = "The value of" + decode_continuation(tok, prompt, generate(model, [prompt], 6)[0])
+    llm_main(["generate", str(run_dir), "--prompt", "The value of", "--max-new-tokens", "6", "--temperature", "0"])
+    assert capsys.readouterr().out == want + "\n"
+    sampled = [llm_main(["generate", str(run_dir), "--prompt", "The value of", "--seed", "3"]) or
+               capsys.readouterr().out for _ in range(2)]
+    assert sampled[0] == sampled[1] and sampled[0].startswith("The value of")
+
+
 def test_usage_errors(run_dir):
     with pytest.raises(SystemExit):
         llm_main(["eval", str(run_dir)])

@@ -14,6 +14,17 @@ import torch.nn.functional as F
 from llm.files import write_json
 
 
+def load_run(run_dir: str, tag: str | None = None, device="cpu"):
+    """(model in eval mode on `device`, resolved config, tokenizer of its data, checkpoint tag) of a
+    run directory's given checkpoint, or its newest complete one."""
+    from llm.data import load_tokenizer
+    from llm.checkpoint import find_latest, load_model
+
+    model, cfg = load_model(run_dir, tag)
+    tag = tag or find_latest(os.path.join(run_dir, "checkpoints"))
+    return model.to(device), cfg, load_tokenizer(cfg.data.path), tag
+
+
 def device_of(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -27,6 +38,17 @@ def token_losses(model, windows, batch_size: int = 16):
         logits = model(chunk[:, :-1]).float()
         out.append(F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none").cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def padded_logits(model, seqs: list[list[int]]) -> torch.Tensor:
+    """Float logits [N, longest - 1, V], on the model's device, of each sequence's inputs seq[:-1]
+    in one right-padded batch: every mixer is causal, so padding never reaches a real position
+    (row r's logits at t < len(seqs[r]) - 1 are those of the sequence alone)."""
+    x = torch.zeros(len(seqs), max(map(len, seqs)) - 1, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        x[r, :len(s) - 1] = torch.tensor(s[:-1])
+    return model(x.to(device_of(model))).float()
 
 
 def split_encode(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

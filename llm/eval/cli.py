@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from llm.eval import format_table, save_result, token_losses
+from llm.eval import format_table, load_run, save_result, token_losses
 
 
 def parse(argv):
@@ -167,13 +167,7 @@ def run_induction(a, model, cfg, tok, tag) -> dict:
 
 def main(argv=None):
     a = parse(argv)
-    from llm.data import load_tokenizer
-    from llm.checkpoint import find_latest, load_model
-
-    model, cfg = load_model(a.run_dir, a.tag)
-    model.to(a.device)
-    tag = a.tag or find_latest(os.path.join(a.run_dir, "checkpoints"))
-    tok = load_tokenizer(cfg.data.path)
+    model, cfg, tok, tag = load_run(a.run_dir, a.tag, a.device)
     print(f"{a.run_dir} @ {tag}: layers {[b.mixer.name for b in model.blocks]}")
     for name, wanted, run in [("ppl", a.ppl, run_ppl), ("harness", a.tasks, run_harness),
                               ("icl", a.icl, run_icl), ("induction", a.induction, run_induction)]:

@@ -5,8 +5,8 @@ imported, lm-eval also builds it by name (`simple_evaluate(model="llm", model_ar
 `LLMAdapter(model=..., tokenizer=..., max_length=...)` wraps objects in memory. Inputs longer
 than `max_length` (default: the run's data.seq_len, the length it was trained on) are
 left-truncated. Log-likelihoods come from batched, right-padded parallel forwards (every mixer is
-causal, so padding never reaches a scored position); generation is greedy through init_cache /
-forward_step, batching prompts of equal length.
+causal, so padding never reaches a scored position); generation is greedy through
+`llm.generate.generate` (the caches of init_cache / forward_step), batching prompts of equal length.
 """
 import logging
 from collections import defaultdict
@@ -16,7 +16,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from llm.eval import decode_continuation, split_encode
+from llm.eval import decode_continuation, load_run, padded_logits, split_encode
+from llm.generate import generate
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,8 @@ class LLMAdapter(LM):
         if model is None:
             if run_dir is None:
                 raise ValueError("llm adapter: give run_dir=RUN_DIR, or a model and a tokenizer")
-            from llm.data import load_tokenizer
-            from llm.checkpoint import load_model
-            model, cfg = load_model(run_dir, tag)
-            tokenizer = tokenizer or load_tokenizer(cfg.data.path)
+            model, cfg, run_tokenizer, _ = load_run(run_dir, tag)
+            tokenizer = tokenizer or run_tokenizer
             max_length = max_length or cfg.data.seq_len
         if tokenizer is None or max_length is None:
             raise ValueError("llm adapter: a model given directly needs tokenizer= and max_length=")
@@ -63,10 +62,7 @@ class LLMAdapter(LM):
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
         for batch in _batches(order, self.batch_size):
             seqs = [(pairs[i][0] + pairs[i][1])[-(self.max_length + 1):] for i in batch]
-            x = torch.zeros(len(batch), max(map(len, seqs)) - 1, dtype=torch.long)
-            for r, s in enumerate(seqs):
-                x[r, :len(s) - 1] = torch.tensor(s[:-1])
-            logprobs = self.model(x.to(self._device)).float().log_softmax(-1).cpu()
+            logprobs = padded_logits(self.model, seqs).log_softmax(-1).cpu()
             for r, i in enumerate(batch):
                 n = min(len(pairs[i][1]), len(seqs[r]) - 1)  # a continuation longer than the window is clipped
                 lp = logprobs[r, len(seqs[r]) - 1 - n:len(seqs[r]) - 1]
@@ -120,24 +116,16 @@ class LLMAdapter(LM):
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out
 
-    @torch.no_grad()
     def greedy(self, prompts: list[list[int]], max_new: int, until=()) -> list[str]:
         """Greedy continuations of equal-length prompts, each cut before its first stop string
-        (or EOS), through the model's recurrent caches."""
-        cache = self.model.init_cache(len(prompts))
-        logits, cache = self.model.forward_step(torch.tensor(prompts, device=self._device), cache)
-        new = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        for _ in range(max_new):
-            nxt = logits[:, -1].argmax(-1)
-            for r, t in enumerate(nxt.tolist()):
-                if not done[r]:
-                    done[r] = t == self.tokenizer.eos_id
-                    new[r] += [] if done[r] else [t]
-                    text = decode_continuation(self.tokenizer, prompts[r][-1:], new[r])
-                    done[r] = done[r] or any(u in text for u in until)
-            if all(done):
-                break
-            logits, cache = self.model.forward_step(nxt[:, None], cache)
-        texts = [decode_continuation(self.tokenizer, p[-1:], n) for p, n in zip(prompts, new)]
+        (or EOS)."""
+        def text(row, new):
+            return decode_continuation(self.tokenizer, prompts[row][-1:], new)
+
+        def stopped(row, new):
+            return any(u in text(row, new) for u in until)
+
+        new = generate(self.model, prompts, max_new, temperature=0, eos_id=self.tokenizer.eos_id,
+                       stop=stopped)
+        texts = [text(row, n) for row, n in enumerate(new)]
         return [min((t.split(u)[0] for u in until), key=len, default=t) for t in texts]

@@ -27,7 +27,7 @@ from string import ascii_lowercase
 
 import torch
 
-from llm.eval import device_of, split_encode
+from llm.eval import padded_logits, split_encode
 
 KS = (0, 1, 2, 4, 8)
 STORE = 10  # context size of the lookup tasks: more than the largest k, so the query is always new
@@ -125,11 +125,7 @@ def score_episodes(model, episodes, batch_size: int = 64) -> dict:
     greedy = choice = 0
     for start in range(0, len(episodes), batch_size):
         batch = episodes[start:start + batch_size]
-        seqs = [p + a for p, a, _ in batch]
-        x = torch.zeros(len(batch), max(map(len, seqs)) - 1, dtype=torch.long)
-        for r, s in enumerate(seqs):  # right padding: causal, so it never reaches the answers
-            x[r, :len(s) - 1] = torch.tensor(s[:-1])
-        logits = model(x.to(device_of(model))).float().cpu()
+        logits = padded_logits(model, [p + a for p, a, _ in batch]).cpu()
         for r, (prompt, answer, choices) in enumerate(batch):
             pred = logits[r, len(prompt) - 1:len(prompt) - 1 + len(answer)]
             greedy += pred.argmax(-1).tolist() == answer
