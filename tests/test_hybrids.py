@@ -53,7 +53,7 @@ def test_step_form_in_uneven_pieces_and_causality(name):
 @pytest.mark.parametrize("name", ["hybrid_pdssm_pdssm_softmax", "hybrid_momentum_softmax_pdssm"])
 def test_hybrid_trains_and_generates(name):
     model = make(name)
-    assert layer_mixers(model.cfg) == list(MODELS[name]["layer_pattern"])
+    assert layer_mixers(model.spec) == list(MODELS[name]["layer_pattern"])
     assert [b.mixer.name for b in model.blocks] == list(MODELS[name]["layer_pattern"])
     assert all(param_role(p) is not None for p in model.parameters())
     # training: memorise one batch

@@ -98,7 +98,7 @@ def test_options_are_validated_at_load():
 def test_flops_count_the_state_and_cg_work():
     def flops(mixer, **args):
         cfg = {**TINY, "mixer": mixer, "mixer_args": {mixer: args}}
-        return forward_flops_per_token(build_model(cfg).cfg, 256)
+        return forward_flops_per_token(build_model(cfg).spec, 256)
 
     assert flops("gated_deltanet") > flops("deltanet") > 0
     assert flops("deltanet", chunk_size=64) > flops("deltanet", chunk_size=16)  # intra-chunk work grows with C
