@@ -24,13 +24,16 @@ def attention(q, k, v, *, backend: str = "auto"):
 
 
 def sdpa(q, k, v):
-    """The same attention through torch's scaled_dot_product_attention (the reference on CPU). The
-    mask is a lower-right causal bias, which every SDPA kernel (flash included) takes."""
+    """The same attention through torch's scaled_dot_product_attention (the reference on CPU). With
+    S > T (continuing from a cache) the mask is a lower-right causal bias, which every SDPA kernel
+    (flash included) takes; the bias is a tensor subclass, which torch.compile would break its graph
+    on, hence is_causal for the training case S == T."""
     T, S, H, Hkv = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     if Hkv != H:
         k, v = (t.repeat_interleave(H // Hkv, dim=2) for t in (k, v))
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, S)).transpose(1, 2)
+    causal = dict(is_causal=True) if S == T else dict(attn_mask=causal_lower_right(T, S))
+    return F.scaled_dot_product_attention(q, k, v, **causal).transpose(1, 2)
 
 
 def attention_probs(q, k):
