@@ -33,12 +33,12 @@ from llm.ops.mesa import chunk_mesa, recurrent_mesa
 
 def _delta(x, a, be, gated=True, recurrent=False):
     op = recurrent_delta_rule if recurrent else partial(chunk_delta_rule, chunk_size=a.chunk_size)
-    return op(x["q"], x["k"], x["v"], x["beta"], x["g"] if gated else None, backend=be)[0]
+    return op(x["q"], x["k"], x["v"], beta=x["beta"], g=x["g"] if gated else None, backend=be)[0]
 
 
 def _mesa(x, a, be, recurrent=False):
     op = recurrent_mesa if recurrent else partial(chunk_mesa, chunk_size=a.chunk_size, backend=be)
-    return op(x["q"], x["k"], x["v"], x["g"], x["beta"], x["lamb"], cg_steps=a.cg_steps)[0]
+    return op(x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"], lamb=x["lamb"], cg_steps=a.cg_steps)[0]
 
 
 def _sdpa(x, a, be):

@@ -1,13 +1,18 @@
 """The config schema (dataclasses) and the one entry point to configs: `load_config`.
 
-A YAML file may list other YAML files under `defaults:` (paths relative to that file, or to
-`configs/`); they are merged first, in order, then the file itself, then dotlist overrides
-(`optim.lr=3e-4`). Everything is validated against the schema here, so an unknown key, a wrong
-type or an impossible combination fails at load time with the key's dotted path.
+A YAML file may list other YAML files under `defaults:`; they are merged first, in order, then the
+file itself, then dotlist overrides (`optim.lr=3e-4`). An include is looked up relative to the
+including file, then under the config root: `$LLM_CONFIG_ROOT` if set, else `configs/` in the
+current directory (so installed or not, `python -m llm train configs/...` from a checkout works).
+Everything is validated against the schema here, so an unknown key, a wrong type or an impossible
+combination fails at load time with the key's dotted path.
+
+Dependencies point one way: this module imports the model's schema and validation
+(`llm.model.spec`, which asks the mixer registry) and the optimizer's group names (`llm.optim`);
+neither llm.model nor llm.optim imports this module.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,30 +21,17 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+from llm.model.spec import ModelConfig, model_spec
+from llm.optim import GROUPS
+from llm.schema import ConfigError, typed_merge
+
+__all__ = ["Config", "ConfigError", "ModelConfig", "build_config", "config_root", "load_config", "model_config",
+           "save_config"]
 
 
-class ConfigError(ValueError):
-    """A config value is missing, unknown, mistyped or inconsistent; the message names the key."""
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 4096
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: Optional[int] = None  # grouped-query attention; None = n_heads
-    mlp_hidden: Optional[int] = None  # SwiGLU width; None = 8/3 d_model rounded up to 64
-    mixer: str = "softmax"
-    layer_pattern: Optional[List[str]] = None  # cycled over the layers; None = [mixer]
-    mixer_args: Dict[str, Any] = field(default_factory=dict)  # mixer_args.<name>.<option>
-    qk_norm: bool = False
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
-    tie_embeddings: bool = True
-    kernels: str = "auto"  # auto | torch | fla: fast GPU kernels where available, or force one
+def config_root() -> Path:
+    """Where includes not found next to the including file are looked up."""
+    return Path(os.environ.get("LLM_CONFIG_ROOT", "configs")).resolve()
 
 
 @dataclass
@@ -129,7 +121,6 @@ class Config:
 
 
 CHOICES = {
-    "model.kernels": ("auto", "torch", "fla"),
     "data.bi_induct.mode": ("none", "forward", "backward", "balanced"),
     "data.bi_induct.anneal": ("none", "linear"),
     "data.bi_induct.apply": ("online", "prep"),
@@ -163,36 +154,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
 
 def _resolve_include(name: str, base: Path) -> Path:
     name = name if name.endswith((".yaml", ".yml")) else name + ".yaml"
-    for candidate in (base / name, CONFIG_ROOT / name):
+    root = config_root()
+    for candidate in (base / name, root / name):
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"defaults: include '{name}' not found next to {base} or under {CONFIG_ROOT}")
-
-
-def _structured_merge(schema, *nodes) -> DictConfig:
-    """Merge nodes into a structured schema, turning omegaconf errors into ConfigError."""
-    try:
-        return OmegaConf.merge(OmegaConf.structured(schema), *nodes)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        msg = str(e).splitlines()[0]
-        if "not in struct" in msg or "Key '" in msg and "not in" in msg:
-            allowed = _allowed_keys(schema, key)
-            msg = f"unknown key; allowed here: {', '.join(allowed)}" if allowed else msg
-        raise ConfigError(f"{key}: {msg}") from None
-
-
-def _allowed_keys(schema, dotted: str) -> list[str]:
-    node = schema if dataclasses.is_dataclass(schema) else type(schema)
-    for part in dotted.split(".")[:-1]:
-        fields = {f.name: f for f in dataclasses.fields(node)}
-        if part not in fields:
-            return []
-        ftype = fields[part].default_factory() if fields[part].default_factory is not dataclasses.MISSING else None
-        if not dataclasses.is_dataclass(ftype):
-            return []
-        node = type(ftype)
-    return [f.name for f in dataclasses.fields(node)]
+    raise ConfigError(f"defaults: include '{name}' not found next to {base} or under {root} "
+                      f"(the config root: $LLM_CONFIG_ROOT, else ./configs)")
 
 
 def _parse_overrides(overrides) -> DictConfig:
@@ -207,7 +174,7 @@ def _parse_overrides(overrides) -> DictConfig:
 
 def build_config(*nodes) -> DictConfig:
     """Validate plain dicts / DictConfigs against the schema (later ones win)."""
-    cfg = _structured_merge(Config, *nodes)
+    cfg = typed_merge(Config, *nodes)
     validate(cfg)
     return cfg
 
@@ -218,11 +185,9 @@ def load_config(path, overrides=()) -> DictConfig:
 
 
 def model_config(model_cfg) -> DictConfig:
-    """A validated model config from a ModelConfig, a DictConfig or a plain dict."""
-    if isinstance(model_cfg, ModelConfig):
-        model_cfg = dataclasses.asdict(model_cfg)
-    node = _structured_merge(ModelConfig, model_cfg if model_cfg is not None else {})
-    _validate_model(node, prefix="model.")
+    """A validated model config (DictConfig) from a ModelConfig, a DictConfig or a plain dict."""
+    node = typed_merge(ModelConfig, model_cfg if model_cfg is not None else {}, prefix="model.")
+    model_spec(node)
     return node
 
 
@@ -231,7 +196,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}: got {value!r}, expected one of {', '.join(allowed)}")
-    _validate_model(cfg.model, prefix="model.")
+    model_spec(cfg.model)  # the model section: shape, mixer names and options (llm.model.spec)
     t = cfg.train
     _positive(cfg, "train.max_steps", "train.global_batch_size", "train.micro_batch_size",
               "train.eval_every", "train.ckpt_every", "train.keep_last", "data.seq_len",
@@ -255,7 +220,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.bi_induct.span: expected [lo, hi] with 1 <= lo <= hi, got {list(cfg.data.bi_induct.span)}")
     if not 0.0 <= cfg.data.bi_induct.rate < 1.0:
         raise ConfigError(f"data.bi_induct.rate: expected 0 <= rate < 1, got {cfg.data.bi_induct.rate}")
-    from llm.optim import GROUPS  # groups are the optimizer's vocabulary
     for name, opts in cfg.optim.groups.items():
         if name not in GROUPS:
             raise ConfigError(f"optim.groups.{name}: unknown group; expected one of {', '.join(GROUPS)}")
@@ -268,56 +232,6 @@ def _positive(cfg, *keys):
     for key in keys:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key}: expected a positive number, got {OmegaConf.select(cfg, key)}")
-
-
-def _validate_model(m: DictConfig, prefix: str) -> None:
-    from llm.model.mixers import MIXERS
-
-    if m.kernels not in CHOICES["model.kernels"]:
-        raise ConfigError(f"{prefix}kernels: got {m.kernels!r}, expected one of auto, torch, fla")
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads"):
-        if m[key] <= 0:
-            raise ConfigError(f"{prefix}{key}: expected a positive integer, got {m[key]}")
-    if m.d_model % m.n_heads:
-        raise ConfigError(f"{prefix}d_model={m.d_model} is not divisible by {prefix}n_heads={m.n_heads}")
-    if m.n_kv_heads is not None and (m.n_kv_heads <= 0 or m.n_heads % m.n_kv_heads):
-        raise ConfigError(f"{prefix}n_kv_heads={m.n_kv_heads} must divide {prefix}n_heads={m.n_heads}")
-    if (m.d_model // m.n_heads) % 2:
-        raise ConfigError(f"{prefix}d_model / n_heads must be even for rotary embeddings")
-    names = [(f"{prefix}mixer", m.mixer)]
-    names += [(f"{prefix}layer_pattern[{i}]", n) for i, n in enumerate(m.layer_pattern or [])]
-    for key, name in names:
-        if name not in MIXERS:
-            raise ConfigError(f"{key}: unknown mixer {name!r}; registered: {', '.join(sorted(MIXERS))}")
-    if m.layer_pattern is not None and len(m.layer_pattern) == 0:
-        raise ConfigError(f"{prefix}layer_pattern: expected a non-empty list of mixer names or null")
-    for name, args in m.mixer_args.items():
-        if name not in MIXERS:
-            raise ConfigError(f"{prefix}mixer_args.{name}: unknown mixer; registered: {', '.join(sorted(MIXERS))}")
-        if not isinstance(args, (dict, DictConfig)):
-            raise ConfigError(f"{prefix}mixer_args.{name}: expected a mapping of options")
-        mixer_args(m, name, prefix=prefix)
-
-
-def mixer_args(m: DictConfig, name: str, prefix: str = "model."):
-    """The typed options of mixer `name` (its `Args` dataclass) with the config's values applied."""
-    from llm.model.mixers import MIXERS
-
-    schema = MIXERS[name].Args
-    try:
-        node = OmegaConf.merge(OmegaConf.structured(schema), m.mixer_args.get(name, {}) or {})
-    except OmegaConfBaseException as e:
-        allowed = ", ".join(f.name for f in dataclasses.fields(schema)) or "(none)"
-        raise ConfigError(f"{prefix}mixer_args.{name}.{getattr(e, 'full_key', '?')}: "
-                          f"{str(e).splitlines()[0]}; options: {allowed}") from None
-    args = OmegaConf.to_object(node)
-    check = getattr(args, "check", None)
-    if check is not None:
-        try:
-            check(m)
-        except ValueError as e:
-            raise ConfigError(f"{prefix}mixer_args.{name}: {e}") from None
-    return args
 
 
 def save_config(cfg: DictConfig, path) -> None:

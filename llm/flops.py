@@ -5,9 +5,8 @@ vocabulary head are counted here. Backward costs twice the forward, so training 
 """
 import torch
 
-from llm.config import mixer_args
-from llm.model.gpt import layer_mixers, mlp_hidden
 from llm.model.mixers import MIXERS
+from llm.model.spec import model_spec
 
 # Dense bf16 peak FLOP/s per device (no sparsity), by substring of the CUDA device name.
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12,
@@ -15,11 +14,13 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12
 
 
 def forward_flops_per_token(model_cfg, seq_len: int) -> float:
-    d = model_cfg.d_model
-    total = 2 * d * model_cfg.vocab_size  # head (the embedding lookup is free)
-    for name in layer_mixers(model_cfg):
-        total += MIXERS[name].flops_per_token(model_cfg, mixer_args(model_cfg, name), seq_len)
-        total += 2 * 3 * d * mlp_hidden(model_cfg)  # SwiGLU: gate, up, down
+    """Of a ModelSpec or any model config `llm.model.spec.model_spec` takes."""
+    spec = model_spec(model_cfg)
+    d = spec.d_model
+    total = 2 * d * spec.vocab_size  # head (the embedding lookup is free)
+    for name, args in spec.layers:
+        total += MIXERS[name].flops_per_token(spec, args, seq_len)
+        total += 2 * 3 * d * spec.mlp_hidden  # SwiGLU: gate, up, down
     return float(total)
 
 

@@ -4,7 +4,8 @@ Weight decay on the two factors of a product acts as a nuclear-norm penalty on t
 (min over factorizations W = A B of ||A||^2 + ||B||^2 is 2 ||W||_*), so it drives these products
 towards low rank. At eval steps we record, for each head, the product's effective rank (Roy &
 Vetterli: exp of the entropy of the normalized singular values) and nuclear norm, for every mixer
-with fla-named projections (q_proj, k_proj for qk; v_proj, o_proj for vo); others are skipped.
+that declares per-head projections (`Mixer.projections()`: q, k for qk; v, o for vo); others
+(PD-SSM) are skipped.
 """
 import json
 import math
@@ -12,9 +13,6 @@ import os
 
 import torch
 from torch import nn
-
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
 
 def effective_rank(singular_values: torch.Tensor) -> float:
     """exp(entropy of s / sum(s)): n for n equal singular values, 1 for rank one, 0 for zero."""
@@ -35,8 +33,8 @@ def product_singular_values(left: torch.Tensor, right: torch.Tensor) -> torch.Te
 
 
 def projections(mixer) -> dict[str, nn.Parameter]:
-    """The weights of the mixer's q/k/v/o projections that exist (by fla's names)."""
-    return {n: getattr(mixer, n).weight for n in PROJECTIONS if isinstance(getattr(mixer, n, None), nn.Linear)}
+    """The weights of the q/k/v/o projections the mixer declares (keys "q", "k", "v", "o")."""
+    return {name: linear.weight for name, linear in mixer.projections().items()}
 
 
 def head_factors(mixer, weights: dict):
@@ -45,10 +43,10 @@ def head_factors(mixer, weights: dict):
     vo: W_O_h W_V_h (what the head writes for a value read at x). Query head h reads key/value
     head h // (n_heads / n_kv_heads) (GQA); the shapes give the head sizes and kv-head count."""
     sides = {}
-    if "q_proj" in weights and "k_proj" in weights:
-        sides["qk"] = weights["q_proj"].T, weights["k_proj"]
-    if "o_proj" in weights and "v_proj" in weights:
-        sides["vo"] = weights["o_proj"], weights["v_proj"]
+    if "q" in weights and "k" in weights:
+        sides["qk"] = weights["q"].T, weights["k"]
+    if "o" in weights and "v" in weights:
+        sides["vo"] = weights["o"], weights["v"]
     for product, (left, right) in sides.items():  # left [C, H * D], right [Hkv * D, C]
         n_heads = mixer.n_heads
         d = left.shape[1] // n_heads

@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -63,3 +67,23 @@ def test_build_model_accepts_every_config_form():
     models = [build_model(fields), build_model(OmegaConf.create(fields)), build_model(ModelConfig(**fields))]
     assert len({m.num_params() for m in models}) == 1
     assert model_config({}).mixer == "softmax"  # missing fields take their defaults
+
+
+def test_includes_fall_back_to_the_config_root(tmp_path, monkeypatch):
+    repo = Path(__file__).resolve().parent.parent
+    top = write(tmp_path, "top.yaml", "defaults: [model/small.yaml]\n")
+    monkeypatch.chdir(repo)  # not next to top.yaml: found under ./configs
+    assert load_config(top).model.d_model == load_config("configs/model/small.yaml").model.d_model
+    (tmp_path / "root" / "model").mkdir(parents=True)
+    write(tmp_path / "root" / "model", "small.yaml", "model: {d_model: 48, n_heads: 2}\n")
+    monkeypatch.setenv("LLM_CONFIG_ROOT", str(tmp_path / "root"))  # the env var replaces ./configs
+    assert load_config(top).model.d_model == 48
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LLM_CONFIG_ROOT")
+    with pytest.raises(ConfigError, match="LLM_CONFIG_ROOT"):
+        load_config(top)
+
+
+def test_the_model_and_optimizer_do_not_import_the_config_loader():
+    code = "import sys, llm.model, llm.optim, llm.ops.attention, llm.flops; assert 'llm.config' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -63,10 +63,10 @@ def test_the_rule_overwrites_and_decays():
     q = e[[0, 1, 0]].view(1, 3, 1, K)
     beta = torch.ones(1, 3, 1)
     for op in (recurrent_delta_rule, lambda *a, **kw: chunk_delta_rule(*a, chunk_size=2, **kw)):
-        o, _ = op(q, k, v, beta, scale=1.0)
+        o, _ = op(q, k, v, beta=beta, scale=1.0)
         torch.testing.assert_close(o[0, :, 0], torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 5.0, 0]]))
         g = torch.full((1, 3, 1), -1.0)
-        o, _ = op(q, k, v * 0, beta * 0, g, scale=1.0, initial_state=torch.eye(K).view(1, 1, K, V))
+        o, _ = op(q, k, v * 0, beta=beta * 0, g=g, scale=1.0, initial_state=torch.eye(K).view(1, 1, K, V))
         torch.testing.assert_close(o[0, :, 0], e[[0, 1, 0]] * torch.exp(torch.tensor([-1.0, -2, -3]))[:, None])
 
 

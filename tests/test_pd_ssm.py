@@ -30,7 +30,7 @@ def test_recurrent_reference_is_the_column_one_hot_matmul():
     for t in range(9):
         h = (P[:, t] @ (d[:, t] * h)[..., None])[..., 0] + u[:, t]
         expected.append(h)
-    out, final = pd_recurrent(perm, d, u, h0, output_final_state=True)
+    out, final = pd_recurrent(perm, d, u, initial_state=h0, output_final_state=True)
     torch.testing.assert_close(out, torch.stack(expected, 1))
     torch.testing.assert_close(final, h)
 
@@ -41,11 +41,11 @@ def test_scan_matches_recurrence_and_gradients(T, N, chunk, with_state):
     perm, d, u, h0 = random_steps(2, T, 3, N, seed=T)
     h0 = h0 if with_state else None
     leaves = [t.requires_grad_() for t in (d, u) + ((h0,) if with_state else ())]
-    h, final = pd_scan(perm, d, u, h0, output_final_state=True, chunk_size=chunk)
-    h_ref, final_ref = pd_recurrent(perm, d, u, h0, output_final_state=True)
+    h, final = pd_scan(perm, d, u, initial_state=h0, output_final_state=True, chunk_size=chunk)
+    h_ref, final_ref = pd_recurrent(perm, d, u, initial_state=h0, output_final_state=True)
     torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(final, final_ref, atol=1e-5, rtol=1e-5)
-    assert pd_scan(perm, d, u, h0)[1] is None
+    assert pd_scan(perm, d, u, initial_state=h0)[1] is None
     w = torch.randn_like(h)
     grads = torch.autograd.grad((h * w).real.sum() + final.abs().sum(), leaves, materialize_grads=True)
     grads_ref = torch.autograd.grad((h_ref * w).real.sum() + final_ref.abs().sum(), leaves)
@@ -55,9 +55,9 @@ def test_scan_matches_recurrence_and_gradients(T, N, chunk, with_state):
 
 def test_scan_continues_from_a_state():
     perm, d, u, h0 = random_steps(1, 30, 2, 4)
-    h, _ = pd_scan(perm, d, u, h0, chunk_size=4)
-    _, mid = pd_scan(perm[:, :13], d[:, :13], u[:, :13], h0, output_final_state=True, chunk_size=4)
-    rest, _ = pd_scan(perm[:, 13:], d[:, 13:], u[:, 13:], mid, chunk_size=4)
+    h, _ = pd_scan(perm, d, u, initial_state=h0, chunk_size=4)
+    _, mid = pd_scan(perm[:, :13], d[:, :13], u[:, :13], initial_state=h0, output_final_state=True, chunk_size=4)
+    rest, _ = pd_scan(perm[:, 13:], d[:, 13:], u[:, 13:], initial_state=mid, chunk_size=4)
     torch.testing.assert_close(rest, h[:, 13:], atol=1e-5, rtol=1e-5)
 
 
@@ -68,7 +68,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match=r"\[B, T, H, N\]"):
         pd_scan(perm, d[:, :3], u)
     with pytest.raises(ValueError, match="initial_state"):
-        pd_scan(perm, d, u, torch.zeros(1, 3, 1, dtype=torch.cfloat))
+        pd_scan(perm, d, u, initial_state=torch.zeros(1, 3, 1, dtype=torch.cfloat))
 
 
 # --- the layer ----------------------------------------------------------------------------------
@@ -153,5 +153,5 @@ def test_args_are_validated_and_flops_counted():
     with pytest.raises(ConfigError, match="mixer_args.pdssm.*selection"):
         build_model({"mixer": "pdssm", "mixer_args": {"pdssm": {"selection": "sparse"}}})
     flops = {s: forward_flops_per_token(build_model({"mixer": "pdssm", "mixer_args": {
-        "pdssm": {"selection": s}}}).cfg, 256) for s in ("dense", "discrete", "identity")}
+        "pdssm": {"selection": s}}}).spec, 256) for s in ("dense", "discrete", "identity")}
     assert flops["dense"] > flops["discrete"] > flops["identity"] > 0

@@ -3,8 +3,8 @@
 The probe input is random tokens repeated twice (each token once per copy). In the second copy an
 induction head attends from position i to the token *after* the previous occurrence of token i
 (the one to predict next); an anti-induction head attends to the token *before* it. Scores are the
-mean attention mass on that target; they need attention weights, so they exist for mixers with a
-`qkv` method (softmax, momentum). For every layer, whatever its mixer, the behavioural copy score
+mean attention mass on that target; they need attention weights, so they exist for mixers with
+`has_attention_heads` (softmax, momentum). For every layer, whatever its mixer, the behavioural copy score
 (loss on the first copy minus loss on the second) is measured with and without that layer's mixer
 output zeroed.
 """
@@ -68,28 +68,28 @@ def zero_mixer(model, layer: int):
 
 @contextmanager
 def mask_heads(model, heads: dict):
-    """Zero the outputs of the given heads ({layer: [head, ...]}) through the mixers' head_mask."""
+    """Zero the outputs of the given heads ({layer: [head, ...]}) through the mixers' head masks."""
     saved = {layer: model.blocks[layer].mixer.head_mask for layer in heads}
     for layer, hs in heads.items():
         mixer = model.blocks[layer].mixer
         mask = torch.ones(mixer.n_heads, device=device_of(model))
         mask[list(hs)] = 0.0
-        mixer.head_mask = mask
+        mixer.set_head_mask(mask)
     try:
         yield
     finally:
         for layer, mask in saved.items():
-            model.blocks[layer].mixer.head_mask = mask
+            model.blocks[layer].mixer.set_head_mask(mask)
 
 
 def head_layers(model) -> list[int]:
     """Layers whose mixer exposes attention weights (and heads to ablate)."""
-    return [i for i, b in enumerate(model.blocks) if hasattr(b.mixer, "qkv")]
+    return [i for i, b in enumerate(model.blocks) if b.mixer.has_attention_heads]
 
 
 @torch.no_grad()
 def head_scores(model, tokens, batch_size: int = 16) -> dict:
-    """{layer: [2, H] (induction, anti-induction scores)} for the layers with `qkv`, from the mixer
+    """{layer: [2, H] (induction, anti-induction scores)} for the layers with attention heads, from the mixer
     inputs (the normed hidden states) captured by forward pre-hooks."""
     layers = head_layers(model)
     inputs = {}
@@ -101,8 +101,7 @@ def head_scores(model, tokens, batch_size: int = 16) -> dict:
             chunk = chunk.to(device_of(model))
             model(chunk)
             for i in layers:
-                q, k, _ = model.blocks[i].mixer.qkv(inputs[i])
-                probs = attention_probs(q, k)
+                probs = attention_probs(*model.blocks[i].mixer.attention_qk(inputs[i]))
                 both = torch.stack([score(probs, chunk, 1), score(probs, chunk, -1)]).cpu()
                 sums[i] += len(chunk) / len(tokens) * both
     finally:
@@ -119,7 +118,7 @@ def copy_losses(model, tokens, batch_size: int = 16) -> tuple[float, float]:
 
 
 def induction_report(model, tokens, batch_size: int = 16) -> dict:
-    """Per layer: head scores (where the mixer has qkv) and the copy score with that layer ablated."""
+    """Per layer: head scores (where the mixer has attention heads) and the copy score with that layer ablated."""
     first, second = copy_losses(model, tokens, batch_size)
     heads = head_scores(model, tokens, batch_size)
     layers = []

@@ -5,12 +5,12 @@ from llm.model.layers import RMSNorm, SwiGLU
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, mixer: nn.Module, mlp_hidden: int):
+    def __init__(self, spec, mixer: nn.Module):
         super().__init__()
-        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer_norm = RMSNorm(spec.d_model, spec.norm_eps)
         self.mixer = mixer
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, mlp_hidden)
+        self.mlp_norm = RMSNorm(spec.d_model, spec.norm_eps)
+        self.mlp = SwiGLU(spec.d_model, spec.mlp_hidden)
 
     def forward(self, x):
         x = x + self.mixer(self.mixer_norm(x))

@@ -4,45 +4,46 @@ import math
 import torch
 from torch import nn
 
-from llm.config import mixer_args, model_config
 from llm.model.block import Block
 from llm.model.layers import RMSNorm
 from llm.model.mixers import MIXERS
 from llm.model.roles import set_role
+from llm.model.spec import ModelSpec, model_spec
 
 
-def layer_mixers(cfg) -> list[str]:
-    """The mixer name of each layer: `layer_pattern` cycled over the layers, or `mixer` everywhere."""
-    pattern = list(cfg.layer_pattern or [cfg.mixer])
-    return [pattern[i % len(pattern)] for i in range(cfg.n_layers)]
-
-
-def mlp_hidden(cfg) -> int:
-    return cfg.mlp_hidden or 64 * math.ceil(8 * cfg.d_model / 3 / 64)
+def layer_mixers(model_cfg) -> list[str]:
+    """The mixer name of each layer (`layer_pattern` cycled over the layers, or `mixer` everywhere),
+    of a ModelSpec or any model config `model_spec` takes."""
+    return [name for name, _ in model_spec(model_cfg).layers]
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.cfg = cfg
-        self.embed = set_role(nn.Embedding(cfg.vocab_size, cfg.d_model), "embed")
-        self.blocks = nn.ModuleList(
-            Block(cfg, MIXERS[name](cfg, i, mixer_args(cfg, name)), mlp_hidden(cfg))
-            for i, name in enumerate(layer_mixers(cfg)))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else set_role(
-            nn.Linear(cfg.d_model, cfg.vocab_size, bias=False), "embed")
+        self.spec = spec
+        self.embed = set_role(nn.Embedding(spec.vocab_size, spec.d_model), "embed")
+        self.blocks = nn.ModuleList(Block(spec, MIXERS[name](spec, i, args))
+                                    for i, (name, args) in enumerate(spec.layers))
+        self.norm = RMSNorm(spec.d_model, spec.norm_eps)
+        self.head = None if spec.tie_embeddings else set_role(
+            nn.Linear(spec.d_model, spec.vocab_size, bias=False), "embed")
         self._init_weights()
 
     def _init_weights(self):
-        std = self.cfg.init_std
+        """Every matrix ~ N(0, init_std) and biases 0, in module order; the projections that write
+        into the residual stream (each mixer's `o_proj`, each MLP's `down`) get std / sqrt(2 L)
+        (GPT-2); then each mixer's own `reset_parameters` (e.g. a bias it starts elsewhere)."""
+        std = self.spec.init_std
+        residual = {m for b in self.blocks for m in (b.mixer.o_proj, b.mlp.down)}
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if getattr(m, "_residual_out", False) else 1.0
+                scale = 1 / math.sqrt(2 * self.spec.n_layers) if m in residual else 1.0
                 nn.init.normal_(m.weight, std=std * scale)
-                if m.bias is not None and not getattr(m, "_keep_bias_init", False):
+                if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.embed.weight, std=std)
+        for b in self.blocks:
+            b.mixer.reset_parameters()
 
     def logits(self, h):
         h = self.norm(h)
@@ -74,5 +75,5 @@ class GPT(nn.Module):
 
 
 def build_model(model_cfg) -> GPT:
-    """A GPT from a ModelConfig, a DictConfig or a plain dict of model fields."""
-    return GPT(model_config(model_cfg))
+    """A GPT from a ModelSpec, a ModelConfig, a DictConfig or a plain dict of model fields."""
+    return GPT(model_spec(model_cfg))

@@ -18,17 +18,11 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def mark_residual(linear: nn.Linear) -> nn.Linear:
-    """Mark a projection that writes into the residual stream (scaled init: std / sqrt(2 L))."""
-    linear._residual_out = True
-    return linear
-
-
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
         self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
-        self.down = mark_residual(nn.Linear(hidden, d_model, bias=False))
+        self.down = nn.Linear(hidden, d_model, bias=False)  # into the residual stream (GPT's init)
         set_role(self, "mlp")
 
     def forward(self, x):
@@ -86,10 +80,10 @@ class OutputNorm(nn.Module):
     """Per-head RMSNorm of a mixer's output [B, T, H, V] -> [B, T, H * V], times SiLU(W_g x) of the
     mixer input x where `use_gate` (fla's FusedRMSNormGated)."""
 
-    def __init__(self, cfg, n_heads: int, head_v: int, use_gate: bool):
+    def __init__(self, spec, n_heads: int, head_v: int, use_gate: bool):
         super().__init__()
-        self.norm = RMSNorm(head_v, cfg.norm_eps)
-        self.g_proj = (set_role(nn.Linear(cfg.d_model, n_heads * head_v, bias=False), "mixer_other")
+        self.norm = RMSNorm(head_v, spec.norm_eps)
+        self.g_proj = (set_role(nn.Linear(spec.d_model, n_heads * head_v, bias=False), "mixer_other")
                        if use_gate else None)
 
     def forward(self, o, x):

@@ -3,13 +3,13 @@
 State S [B, H, K, V]. Per token t:  S = exp(g_t) S;  S += k_t (beta_t (v_t - S^T k_t))^T;
 o_t = scale * S^T q_t.  g=None is DeltaNet; g given ([B, T, H], a log-decay) is Gated DeltaNet.
 
-`recurrent_delta_rule` runs that loop as written (the reference, and the decoding path);
-`chunk_delta_rule` is the chunkwise-parallel form used in training: inside a chunk of C tokens
-the C sequential rank-one updates collapse into one unit-triangular solve (the WY / UT
-transform), so only the state is carried across chunks. With inputs on CUDA in half precision
-and fla installed, both call fla's kernels instead (`backend` as in `llm.ops.use_kernel`).
-
-The torch paths compute in fp32 and return o in q's dtype and the final state in fp32 (as fla).
+`recurrent_delta_rule` runs that loop as written (the decoding path); `chunk_delta_rule` is the
+chunkwise-parallel form used in training: inside a chunk of C tokens the C sequential rank-one
+updates collapse into one unit-triangular solve (the WY / UT transform), so only the state is
+carried across chunks. Both check their inputs and dispatch (`backend` as in
+`llm.ops.utils.use_kernel`): to fla's kernels, or to the torch references below them
+(`recurrent_reference`, `chunk_reference`), which compute in fp32 and return o in q's dtype and
+the final state in fp32 (as fla). Arguments after q, k, v are keyword-only.
 """
 import importlib
 
@@ -34,7 +34,7 @@ def _fla(kind, q, k, v, beta, g, scale, initial_state, output_final_state):
                   output_final_state=output_final_state, **extra)
 
 
-def chunk_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False,
+def chunk_delta_rule(q, k, v, *, beta, g=None, scale=None, initial_state=None, output_final_state=False,
                      chunk_size=64, backend="auto"):
     """Chunkwise-parallel delta rule. Returns (o [B, T, H, V], final state [B, H, K, V] or None).
 
@@ -46,16 +46,23 @@ def chunk_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, outp
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if use_kernel(backend, "fla", q, k, v):
         return _fla("chunk", q, k, v, beta, g, scale, initial_state, output_final_state)
-    return _chunk(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size)
+    return chunk_reference(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size)
 
 
-def recurrent_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None,
-                         output_final_state=False, backend="auto"):
-    """The token-by-token recurrence (reference and decoding). Same returns as `chunk_delta_rule`."""
+def recurrent_delta_rule(q, k, v, *, beta, g=None, scale=None, initial_state=None, output_final_state=False,
+                         backend="auto"):
+    """The token-by-token recurrence (decoding). Same returns as `chunk_delta_rule`."""
     _check(q, k, v, beta, g, initial_state)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if use_kernel(backend, "fla", q, k, v):
         return _fla("fused_recurrent", q, k, v, beta, g, scale, initial_state, output_final_state)
+    return recurrent_reference(q, k, v, beta, g, scale, initial_state, output_final_state)
+
+
+# --- torch references (inputs already checked; fp32 inside, o in q's dtype, state in fp32) ---------
+
+def recurrent_reference(q, k, v, beta, g, scale, initial_state, output_final_state):
+    """The recurrence as written, one token at a time."""
     B, _, H, K = q.shape
     S = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32) if initial_state is None else initial_state.float()
     decay = (torch.zeros_like(beta) if g is None else g).float().exp()
@@ -69,7 +76,8 @@ def recurrent_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None,
     return torch.stack(outs, 1).to(q.dtype), (S if output_final_state else None)
 
 
-def _chunk(q, k, v, beta, g, scale, initial_state, output_final_state, C):
+def chunk_reference(q, k, v, beta, g, scale, initial_state, output_final_state, C):
+    """The chunkwise form: one unit-triangular solve per chunk, the state carried across chunks."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     out_dtype = q.dtype

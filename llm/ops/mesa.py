@@ -10,6 +10,8 @@ where `cg_tol` is given, until every residual is below cg_tol * |q_t| (meant for
 exp(G_t - G_j) beta_j k_j (k_j . x), so one batched CG serves all positions, with only the
 chunk-start states [B, H, T / C, K, K] stored. `recurrent_mesa` steps token by token (decoding);
 with `cg_steps=None` it solves exactly with torch.linalg.solve (the reference for tests).
+`chunk_mesa` checks its inputs and dispatches to fla's kernel or to the torch `chunk_reference`;
+`recurrent_mesa` is torch only. Arguments after q, k, v are keyword-only.
 
 Gradients of the CG solve are implicit (`SPDSolve`): one more CG solve with the same symmetric
 matrix, as fla does, rather than autograd through the unrolled iterations.
@@ -92,7 +94,7 @@ def _zero_state(q, B, H, K, V):
     return q.new_zeros(B, H, K, K, dtype=torch.float32), q.new_zeros(B, H, K, V, dtype=torch.float32)
 
 
-def chunk_mesa(q, k, v, g, beta, lamb, initial_state=None, output_final_state=False, cg_steps=30,
+def chunk_mesa(q, k, v, *, g, beta, lamb, initial_state=None, output_final_state=False, cg_steps=30,
                chunk_size=64, cg_tol=None, backend="auto"):
     """Chunkwise Mesa. Returns (o [B, T, H, V], (H, G) final state or None).
 
@@ -106,19 +108,28 @@ def chunk_mesa(q, k, v, g, beta, lamb, initial_state=None, output_final_state=Fa
     if backend == "fla" and not fits:
         raise ValueError(f"fla's chunk_mesa_net needs V == K <= 128, got K={K}, V={V}")
     if fits and use_kernel(backend, "fla", q, k, v):
-        from fla.ops.mesa_net import chunk_mesa_net
-        h_kk, h_kv = (None, None) if initial_state is None else (s.float() for s in initial_state)
-        o, h_kk, h_kv = chunk_mesa_net(q=q, k=k, v=v, g=g.float(), beta=beta.float(), lamb=lamb.float(),
-                                       h_kk_init=h_kk, h_kv_init=h_kv, output_final_state=output_final_state,
-                                       max_CG_iteration=cg_steps)
-        return o, ((h_kk, h_kv) if output_final_state else None)
+        return _fla(q, k, v, g, beta, lamb, initial_state, output_final_state, cg_steps)
+    state = _zero_state(q, B, H, K, V) if initial_state is None else tuple(s.float() for s in initial_state)
+    return chunk_reference(q, k, v, g, beta, lamb, state, output_final_state, cg_steps, chunk_size, cg_tol)
 
-    T, C, out_dtype = q.shape[1], chunk_size, q.dtype
+
+def _fla(q, k, v, g, beta, lamb, initial_state, output_final_state, cg_steps):
+    from fla.ops.mesa_net import chunk_mesa_net
+    h_kk, h_kv = (None, None) if initial_state is None else (s.float() for s in initial_state)
+    o, h_kk, h_kv = chunk_mesa_net(q=q, k=k, v=v, g=g.float(), beta=beta.float(), lamb=lamb.float(),
+                                   h_kk_init=h_kk, h_kv_init=h_kv, output_final_state=output_final_state,
+                                   max_CG_iteration=cg_steps)
+    return o, ((h_kk, h_kv) if output_final_state else None)
+
+
+def chunk_reference(q, k, v, g, beta, lamb, state, output_final_state, cg_steps, C, cg_tol):
+    """The torch chunk form from the fp32 state (H, G): chunk-start states, then one batched CG."""
+    T, out_dtype = q.shape[1], q.dtype
     q, k, v, beta = (to_chunks(x, C) for x in (q, k, v, beta))
     G, gamma = chunk_gates(g, q)
     decay = gamma * beta[..., None, :]  # weight of key j in H_i within the chunk: exp(G_i - G_j) beta_j
     k_end = k * ((G[..., -1:] - G).exp() * beta)[..., None]  # weight of each key in the chunk-end state
-    h_kk, h_kv = _zero_state(q, B, H, K, V) if initial_state is None else (s.float() for s in initial_state)
+    h_kk, h_kv = state
     starts_kk, starts_kv = [], []
     # unbind, not x[:, :, n]: the backward of N slices would write N full-size gradients (O(N^2))
     for a_n, ke_n, k_n, v_n in zip(*(x.unbind(2) for x in (G[..., -1].exp(), k_end, k, v))):
@@ -146,7 +157,7 @@ def _step_matvec(x, h_kk, lamb):
     return (h_kk @ x[..., None]).squeeze(-1) + lamb * x
 
 
-def recurrent_mesa(q, k, v, g, beta, lamb, initial_state=None, output_final_state=False, cg_steps=30,
+def recurrent_mesa(q, k, v, *, g, beta, lamb, initial_state=None, output_final_state=False, cg_steps=30,
                    cg_tol=None):
     """Token-by-token Mesa (torch only). cg_steps=None solves each step exactly with
     torch.linalg.solve and differentiates through it: the reference. Returns as `chunk_mesa`."""

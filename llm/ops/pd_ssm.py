@@ -9,6 +9,9 @@ and two steps compose in O(N):
 
 because column j goes to row p1[j] with weight d1[j], then to p2[p1[j]] with weight d2[p1[j]]: the
 composition is again column-one-hot, collisions included. So a log-depth associative scan applies.
+
+Both are torch (no GPU kernel): `pd_recurrent` the sequential reference, `pd_scan` the parallel
+form. Arguments after perm, d, u are keyword-only.
 """
 import torch
 
@@ -18,7 +21,7 @@ def pd_matvec(perm, x):
     return torch.zeros_like(x).scatter_add(-1, perm, x)
 
 
-def pd_recurrent(perm, d, u, initial_state=None, output_final_state=False):
+def pd_recurrent(perm, d, u, *, initial_state=None, output_final_state=False):
     """Sequential reference. perm [B, T, H, N] long, d, u [B, T, H, N], initial_state [B, H, N].
     Returns (h [B, T, H, N], final state [B, H, N] or None)."""
     _check(perm, d, u, initial_state)
@@ -30,7 +33,7 @@ def pd_recurrent(perm, d, u, initial_state=None, output_final_state=False):
     return torch.stack(out, 1), (h if output_final_state else None)
 
 
-def pd_scan(perm, d, u, initial_state=None, output_final_state=False, chunk_size=64):
+def pd_scan(perm, d, u, *, initial_state=None, output_final_state=False, chunk_size=64):
     """The same recurrence by a parallel scan: log-depth within chunks of `chunk_size` steps, then
     the same scan, recursively, over the chunks' composed maps to get each chunk's start state.
     Autograd keeps O(log chunk_size) tensors of size [B, T, H, N]: memory O(T N), not O(T N^2)."""

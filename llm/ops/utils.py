@@ -17,17 +17,20 @@ def kernel_inputs_ok(*tensors) -> bool:
     return all(t.is_cuda and t.dtype in _HALF for t in tensors)
 
 
-def use_kernel(backend: str, module: str, *tensors) -> bool:
-    """Whether to call the GPU library `module` for these inputs.
+def use_kernel(backend: str, module, *tensors) -> bool:
+    """Whether to take the fast GPU path for these inputs, through the library `module` (None: the
+    path needs no extra library, e.g. SDPA's flash kernel). The one meaning of `model.kernels`:
 
-    backend: "torch" never, "fla" always (error if impossible), "auto" when the inputs are CUDA
-    half-precision tensors and the library is installed.
+    "torch": never; "auto": when the inputs are CUDA bf16/fp16 tensors and `module` is installed;
+    "fla": always, and a RuntimeError when the inputs or the installation do not allow it.
     """
-    ok = kernel_inputs_ok(*tensors) and kernel_available(module)
-    if backend == "fla" and not ok:
-        raise RuntimeError(f"model.kernels=fla but {module} cannot run here: it needs CUDA bf16/fp16 "
-                           f"inputs and the package installed (pip install -e .[gpu])")
-    return backend != "torch" and ok
+    inputs_ok = kernel_inputs_ok(*tensors)  # looked up at call time: tests may patch it
+    installed = module is None or kernel_available(module)
+    if backend == "fla" and not (inputs_ok and installed):
+        need = "CUDA bf16/fp16 inputs" if not inputs_ok else f"the {module} package (pip install -e .[gpu])"
+        raise RuntimeError(f"model.kernels=fla requires the fast GPU path{f' ({module})' if module else ''}, "
+                           f"which needs {need}; use kernels=auto or torch to fall back to the reference")
+    return backend != "torch" and inputs_ok and installed
 
 
 def check_shapes(q, k, v, **per_token):

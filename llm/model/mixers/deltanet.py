@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm.model.layers import OutputNorm, ShortConv, l2norm, mark_residual
+from llm.model.layers import OutputNorm, ShortConv, l2norm
 from llm.model.mixers.base import Mixer, register_mixer
 from llm.model.roles import set_role
 from llm.ops.delta_rule import chunk_delta_rule, recurrent_delta_rule
@@ -24,7 +24,7 @@ from llm.ops.delta_rule import chunk_delta_rule, recurrent_delta_rule
 class DeltaNet(Mixer):
     gated = False  # Gated DeltaNet (below) adds the per-token decay
 
-    @dataclass
+    @dataclass(frozen=True)
     class Args:
         head_dim: Optional[int] = None  # key dim per head; None = d_model / n_heads
         expand_v: float = 1.0  # value dim per head = expand_v * head_dim
@@ -41,15 +41,15 @@ class DeltaNet(Mixer):
                 raise ValueError(f"expand_v={self.expand_v} times head_dim={head_dim} must be a positive integer")
 
     @staticmethod
-    def dims(cfg, args):
+    def dims(spec, args):
         """(heads, key dim, value dim) per head."""
-        K = args.head_dim or cfg.d_model // cfg.n_heads
-        return cfg.n_heads, K, int(K * args.expand_v)
+        K = args.head_dim or spec.head_dim
+        return spec.n_heads, K, int(K * args.expand_v)
 
-    def __init__(self, cfg, layer_idx, args):
-        super().__init__(cfg, layer_idx, args)
-        d = cfg.d_model
-        H, K, V = self.dims(cfg, args)
+    def __init__(self, spec, layer_idx, args):
+        super().__init__(spec, layer_idx, args)
+        d = spec.d_model
+        H, K, V = self.dims(spec, args)
         self.n_heads, self.head_k, self.head_v = H, K, V
         self.q_proj = set_role(nn.Linear(d, H * K, bias=False), "qk")
         self.k_proj = set_role(nn.Linear(d, H * K, bias=False), "qk")
@@ -63,8 +63,11 @@ class DeltaNet(Mixer):
             self.A_log = set_role(nn.Parameter(torch.empty(H).uniform_(1, 16).log()), "no_decay")
             dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp_min(1e-4)
             self.dt_bias = set_role(nn.Parameter(dt + torch.log(-torch.expm1(-dt))), "no_decay")  # softplus^-1
-        self.o_norm = OutputNorm(cfg, H, V, args.use_gate)
-        self.o_proj = set_role(mark_residual(nn.Linear(H * V, d, bias=False)), "vo")
+        self.o_norm = OutputNorm(spec, H, V, args.use_gate)
+        self.o_proj = set_role(nn.Linear(H * V, d, bias=False), "vo")
+
+    def projections(self):
+        return {"q": self.q_proj, "k": self.k_proj, "v": self.v_proj, "o": self.o_proj}
 
     def _mix(self, x, cache):
         """The mixer over x [B, T, C], from `cache` (None: the start of a sequence, no new cache)."""
@@ -78,11 +81,12 @@ class DeltaNet(Mixer):
         v = v.view(B, T, self.n_heads, self.head_v)
         beta = self.b_proj(x).float().sigmoid() * (2.0 if self.args.allow_neg_eigval else 1.0)
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias) if self.gated else None
-        kw = dict(initial_state=c.get("state"), output_final_state=cache is not None, backend=self.cfg.kernels)
+        kw = dict(beta=beta, g=g, initial_state=c.get("state"), output_final_state=cache is not None,
+                  backend=self.kernels)
         if cache is not None and T == 1:  # decoding
-            o, state = recurrent_delta_rule(q, k, v, beta, g, **kw)
+            o, state = recurrent_delta_rule(q, k, v, **kw)
         else:
-            o, state = chunk_delta_rule(q, k, v, beta, g, chunk_size=self.args.chunk_size, **kw)
+            o, state = chunk_delta_rule(q, k, v, chunk_size=self.args.chunk_size, **kw)
         y = self.o_proj(self.o_norm(o, x))
         return y, (None if cache is None else {"state": state, "q_conv": q_tail, "k_conv": k_tail, "v_conv": v_tail})
 
@@ -99,9 +103,9 @@ class DeltaNet(Mixer):
         return self._mix(x, cache)
 
     @classmethod
-    def flops_per_token(cls, cfg, args, seq_len):
-        H, K, V = cls.dims(cfg, args)
-        d, C = cfg.d_model, min(args.chunk_size, seq_len)
+    def flops_per_token(cls, spec, args, seq_len):
+        H, K, V = cls.dims(spec, args)
+        d, C = spec.d_model, min(args.chunk_size, seq_len)
         width = 2 * H * K + 2 * H * V + H + (H if cls.gated else 0) + (H * V if args.use_gate else 0)
         projections = 2 * d * width  # q, k, v, o, beta, [a], [gate]
         convs = 2 * args.conv_size * (2 * H * K + H * V)

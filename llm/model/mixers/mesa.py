@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm.model.layers import OutputNorm, ShortConv, l2norm, mark_residual
+from llm.model.layers import OutputNorm, ShortConv, l2norm
 from llm.model.mixers.base import Mixer, register_mixer
 from llm.model.roles import set_role
 from llm.ops.mesa import chunk_mesa, recurrent_mesa
@@ -23,7 +23,7 @@ from llm.ops.mesa import chunk_mesa, recurrent_mesa
 
 @register_mixer("mesa")
 class Mesa(Mixer):
-    @dataclass
+    @dataclass(frozen=True)
     class Args:
         head_dim: Optional[int] = None  # key = value dim per head; None = d_model / n_heads
         conv_size: int = 4
@@ -41,13 +41,13 @@ class Mesa(Mixer):
                 raise ValueError("lamb_lower_bound and cg_tol (when set) must be > 0")
 
     @staticmethod
-    def dims(cfg, args):
-        return cfg.n_heads, args.head_dim or cfg.d_model // cfg.n_heads
+    def dims(spec, args):
+        return spec.n_heads, args.head_dim or spec.head_dim
 
-    def __init__(self, cfg, layer_idx, args):
-        super().__init__(cfg, layer_idx, args)
-        d = cfg.d_model
-        H, K = self.dims(cfg, args)
+    def __init__(self, spec, layer_idx, args):
+        super().__init__(spec, layer_idx, args)
+        d = spec.d_model
+        H, K = self.dims(spec, args)
         self.n_heads, self.head_dim = H, K
         self.q_proj = set_role(nn.Linear(d, H * K, bias=False), "qk")
         self.k_proj = set_role(nn.Linear(d, H * K, bias=False), "qk")
@@ -56,8 +56,11 @@ class Mesa(Mixer):
         self.a_proj = set_role(nn.Linear(d, H, bias=True), "mixer_other")
         self.b_proj = set_role(nn.Linear(d, H, bias=True), "mixer_other")
         self.lamb_param = set_role(nn.Parameter(torch.full((H, K), math.log(math.expm1(0.75)))), "no_decay")
-        self.o_norm = OutputNorm(cfg, H, K, args.use_gate)
-        self.o_proj = set_role(mark_residual(nn.Linear(H * K, d, bias=False)), "vo")
+        self.o_norm = OutputNorm(spec, H, K, args.use_gate)
+        self.o_proj = set_role(nn.Linear(H * K, d, bias=False), "vo")
+
+    def projections(self):
+        return {"q": self.q_proj, "k": self.k_proj, "v": self.v_proj, "o": self.o_proj}
 
     def lamb(self):
         return F.softplus(self.lamb_param.float()) + self.args.lamb_lower_bound
@@ -74,13 +77,13 @@ class Mesa(Mixer):
         g = F.logsigmoid(self.a_proj(x).float())
         beta = self.b_proj(x).float().sigmoid()
         a = self.args
-        kw = dict(initial_state=c.get("state"), output_final_state=cache is not None, cg_steps=a.cg_steps,
+        kw = dict(g=g, beta=beta, lamb=self.lamb(), initial_state=c.get("state"),
+                  output_final_state=cache is not None, cg_steps=a.cg_steps,
                   cg_tol=None if torch.is_grad_enabled() else a.cg_tol)
         if cache is not None and T == 1:  # decoding
-            o, state = recurrent_mesa(q, k, v, g, beta, self.lamb(), **kw)
+            o, state = recurrent_mesa(q, k, v, **kw)
         else:
-            o, state = chunk_mesa(q, k, v, g, beta, self.lamb(), chunk_size=a.chunk_size,
-                                  backend=self.cfg.kernels, **kw)
+            o, state = chunk_mesa(q, k, v, chunk_size=a.chunk_size, backend=self.kernels, **kw)
         y = self.o_proj(self.o_norm(o, x))
         return y, (None if cache is None else {"state": state, "q_conv": q_tail, "k_conv": k_tail})
 
@@ -98,9 +101,9 @@ class Mesa(Mixer):
         return self._mix(x, cache)
 
     @classmethod
-    def flops_per_token(cls, cfg, args, seq_len):
-        H, K = cls.dims(cfg, args)
-        d, C = cfg.d_model, min(args.chunk_size, seq_len)
+    def flops_per_token(cls, spec, args, seq_len):
+        H, K = cls.dims(spec, args)
+        d, C = spec.d_model, min(args.chunk_size, seq_len)
         projections = 2 * d * (4 * H * K + 2 * H + (H * K if args.use_gate else 0))  # q, k, v, o, a, b, [gate]
         convs = 2 * args.conv_size * 2 * H * K
         # per head and token, chunk form: every CG step applies H_t + diag(lamb) as the chunk-start

@@ -17,7 +17,7 @@ from llm.model.roles import set_role
 
 @register_mixer("momentum")
 class MomentumAttention(SoftmaxAttention):
-    @dataclass
+    @dataclass(frozen=True)
     class Args:
         # 0 is plain softmax attention. 0.5: the paper's recall optimum 4.17 N^-0.74 is ~0.45 for
         # N ~ 20 items; in our 1-layer induction probe every gamma in 0.25-8 forms an induction
@@ -35,8 +35,8 @@ class MomentumAttention(SoftmaxAttention):
             if self.first not in ("repeat", "zero"):
                 raise ValueError(f"first: got {self.first!r}, expected repeat or zero")
 
-    def __init__(self, cfg, layer_idx, args):
-        super().__init__(cfg, layer_idx, args)
+    def __init__(self, spec, layer_idx, args):
+        super().__init__(spec, layer_idx, args)
         # One gamma per kv head; the query heads of a GQA group share their key's gamma.
         gamma = torch.full((self.n_kv_heads,), float(args.gamma))
         if args.learn_gamma:
@@ -77,6 +77,6 @@ class MomentumAttention(SoftmaxAttention):
         return super().forward_step(x, dict(cache))  # a copy, so qkv can record the last q/k in it
 
     @classmethod
-    def flops_per_token(cls, cfg, args, seq_len):
-        kv = (cfg.n_kv_heads or cfg.n_heads) * (cfg.d_model // cfg.n_heads)
-        return super().flops_per_token(cfg, args, seq_len) + 3 * (cfg.d_model + kv)  # sub, mul, add
+    def flops_per_token(cls, spec, args, seq_len):
+        kv = spec.n_kv_heads * spec.head_dim
+        return super().flops_per_token(spec, args, seq_len) + 3 * (spec.d_model + kv)  # sub, mul, add

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm.model.layers import mark_residual
 from llm.model.mixers.base import Mixer, register_mixer
 from llm.model.roles import set_role
 from llm.ops.pd_ssm import pd_matvec, pd_scan
@@ -44,7 +43,7 @@ def _real_matvec(a, z):
 
 @register_mixer("pdssm")
 class PDSSM(Mixer):
-    @dataclass
+    @dataclass(frozen=True)
     class Args:
         state_size: int = 32  # N (complex) states per head
         dict_size: int = 8  # M dictionary matrices per head
@@ -62,17 +61,15 @@ class PDSSM(Mixer):
             if self.chunk_size < 2:
                 raise ValueError(f"chunk_size: expected >= 2, got {self.chunk_size}")
 
-    def __init__(self, cfg, layer_idx, args):
-        super().__init__(cfg, layer_idx, args)
-        d = cfg.d_model
-        H, N, M = args.heads or cfg.n_heads, args.state_size, args.dict_size
+    def __init__(self, spec, layer_idx, args):
+        super().__init__(spec, layer_idx, args)
+        d = spec.d_model
+        H, N, M = args.heads or spec.n_heads, args.state_size, args.dict_size
         self.H, self.N, self.M = H, N, M
         # B x and the readout carry content, like attention's v and o projections.
         self.in_proj = set_role(nn.Linear(d, 2 * H * N, bias=False), "vo")  # real, imaginary parts
         self.magnitude = set_role(_gelu_mlp(d, 2 * H * N, H * N), "mixer_other")
         self.phase = set_role(_gelu_mlp(d, 2 * H * N, H * N), "mixer_other")
-        nn.init.constant_(self.magnitude[-1].bias, math.log(MAGNITUDE_INIT / (1 - MAGNITUDE_INIT)))
-        self.magnitude[-1]._keep_bias_init = True
         if args.selection != "identity":
             self.select = set_role(nn.Linear(d, H * M, bias=False), "mixer_other")
             # [H, M, column j, row i]: each column's logits over the row its 1 goes to
@@ -82,7 +79,15 @@ class PDSSM(Mixer):
         self.register_buffer("start", F.one_hot(torch.zeros(H, dtype=torch.long), N).float(), persistent=False)
         self.readout = set_role(nn.Linear(2 * H * N, d, bias=False), "vo")
         self.skip = set_role(nn.Parameter(torch.ones(d)), "no_decay")
-        self.o_proj = set_role(mark_residual(nn.Linear(d, d, bias=False)), "vo")
+        self.o_proj = set_role(nn.Linear(d, d, bias=False), "vo")
+
+    @property
+    def n_heads(self):
+        return self.H
+
+    def reset_parameters(self):
+        """The magnitude MLP's output bias gives |d| = MAGNITUDE_INIT at init (the model zeroes biases)."""
+        nn.init.constant_(self.magnitude[-1].bias, math.log(MAGNITUDE_INIT / (1 - MAGNITUDE_INIT)))
 
     def coefficients(self, x):
         """Diagonal d_t and input u_t = B x_t, complex [B, T, H, N] (float32 whatever x's dtype)."""
@@ -131,9 +136,9 @@ class PDSSM(Mixer):
         d, u = self.coefficients(x)
         if ste is not None and torch.is_grad_enabled():
             with torch.no_grad():
-                h, _ = pd_scan(perm, d, u, h0, chunk_size=self.args.chunk_size)
+                h, _ = pd_scan(perm, d, u, initial_state=h0, chunk_size=self.args.chunk_size)
             u = u + ste(d.detach() * torch.cat([h0[:, None], h[:, :-1]], 1))
-        h, final = pd_scan(perm, d, u, h0, output_final_state=True, chunk_size=self.args.chunk_size)
+        h, final = pd_scan(perm, d, u, initial_state=h0, output_final_state=True, chunk_size=self.args.chunk_size)
         return self.output(h, x), final
 
     def output(self, h, x):
@@ -142,8 +147,8 @@ class PDSSM(Mixer):
         return self.o_proj(y)
 
     @classmethod
-    def flops_per_token(cls, cfg, args, seq_len):
-        d, H, N, M = cfg.d_model, args.heads or cfg.n_heads, args.state_size, args.dict_size
+    def flops_per_token(cls, spec, args, seq_len):
+        d, H, N, M = spec.d_model, args.heads or spec.n_heads, args.state_size, args.dict_size
         flops = 2 * d * 2 * H * N  # B
         flops += 2 * 2 * (d * 2 * H * N + 2 * H * N * H * N)  # magnitude and phase MLPs
         flops += 8 * H * N  # a complex multiply-add per state (not the scan's log-depth extra work)
