@@ -12,6 +12,7 @@ from llm.data.shards import DataError, TokenShards
 from llm.data.tokenizer import load_tokenizer
 
 LOADER_NAMES = ("WindowLoader", "eval_windows", "rank_batches")
+__all__ = ["DataError", "TokenShards", "load_tokenizer", *LOADER_NAMES]
 
 
 def __getattr__(name: str):
