@@ -10,7 +10,6 @@ each concern (stopping, logging, evaluation, checkpoints) is one object that dec
 whether this step is its turn.
 """
 import json
-import logging
 import math
 import os
 import signal
@@ -269,9 +268,6 @@ def setup(cfg, job_start: float, stop: StopSignal) -> Run:
 def train(cfg) -> dict:
     job_start, stop = time.time(), StopSignal()  # a preemption signal during setup still counts
     distributed.prepare_env()
-    from deepspeed.utils import logger as ds_logger
-    ds_logger.setLevel(logging.WARNING)
-
     run = setup(cfg, job_start, stop)
     result = {"start_step": run.state.step}
     if run.state.step == 0 and cfg.eval.final:
