@@ -1,5 +1,11 @@
 """Checkpoints: DeepSpeed's sharded files plus our own commit protocol, resharding, consolidated loading.
 
+This module owns the commit record (`complete.json`: written by `save`, read by `commit_record`)
+and the client state (`TrainState` plus RNG states and the resolved config): `save(engine, cfg,
+state)` writes both; `find_resume(cfg)` picks and checks the checkpoint to continue,
+`prepare_reshard` converts it for another world size, and `resume(engine, source)` loads it and
+returns the `TrainState`.
+
 Layout under `<out_dir>/checkpoints/`: one directory per tag (`step_00000100`), written by
 DeepSpeed on every rank; once all ranks are done, rank 0 writes `<tag>/complete.json` (the commit
 record: step, world size, ZeRO stage, global batch and model config) and then atomically replaces
