@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from llm import checkpoint, distributed
 from llm.checkpoint import TrainState
 from llm.config import ConfigError, save_config
-from llm.engine import build_engine, ds_config, lm_loss, resolve_dtype, train_step  # noqa: F401 (ds_config: the old import path)
+from llm.engine import ds_config  # noqa: F401 (its old import path)
+from llm.engine import build_engine, lm_loss, resolve_dtype, train_step
 from llm.flops import mfu, peak_flops, train_flops_per_token
 from llm.logs import MetricsLog
 from llm.telemetry import TelemetryLog
@@ -121,11 +122,11 @@ class Evaluator:
 
 class Reporter:
     """Training metrics over the steps since the last log line (every logging.log_every steps and
-    at the last), merged with the step's evaluation, to metrics.jsonl, wandb and the console."""
+    at the last; timed before any evaluation of the step), to metrics.jsonl, wandb and the console."""
 
-    def __init__(self, cfg, engine, loader, schedule, log: MetricsLog, evaluator: Evaluator, world: int):
+    def __init__(self, cfg, engine, loader, schedule, log: MetricsLog, world: int):
         self.cfg, self.engine, self.loader, self.schedule = cfg, engine, loader, schedule
-        self.log, self.evaluator, self.world = log, evaluator, world
+        self.log, self.world = log, world
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_flops(cfg.logging.peak_flops)  # None on CPU: no MFU
         self._restart_window()
@@ -133,35 +134,37 @@ class Reporter:
     def _restart_window(self) -> None:
         self.window_start, self.window_steps, self.ce_sum, self.z_sum = time.time(), 0, 0.0, 0.0
 
-    def initial(self) -> dict:
-        """The held-out loss before training (fresh runs with eval.final)."""
-        metrics = self.evaluator.run(0)
+    def initial(self, metrics: dict) -> dict:
+        """Log the evaluation before training (fresh runs with eval.final)."""
         self.log.write({"step": 0, **metrics})
         self.log.echo(f"step 0: held-out loss {metrics['val_loss']:.4f}")
         self._restart_window()
         return {"val_loss_start": metrics["val_loss"]}
 
-    def maybe_report(self, step_done: int, last: bool, stats: dict) -> dict:
-        """Log this step if it is a log or eval step; the record logged with training metrics, or {}."""
-        self.window_steps, self.ce_sum, self.z_sum = self.window_steps + 1, self.ce_sum + stats["ce"], self.z_sum + stats["z"]
+    def maybe_summarize(self, step_done: int, last: bool, stats: dict) -> dict:
+        """Add this step's losses to the window; its training metrics on log steps, else {}."""
+        self.window_steps += 1
+        self.ce_sum, self.z_sum = self.ce_sum + stats["ce"], self.z_sum + stats["z"]
         self.log.progress(1, loss=f"{stats['last_ce']:.3f}")
-        if not (step_done % self.cfg.logging.log_every == 0 or last):
-            evals = self.evaluator.maybe_eval(step_done, last)
-            if evals:
-                self.log.write({"step": step_done, **evals})
+        return self._train_record(step_done) if step_done % self.cfg.logging.log_every == 0 or last else {}
+
+    def write(self, step_done: int, metrics: dict) -> dict:
+        """Log a step's metrics (training and / or evaluation; nothing if empty); a training
+        record also goes to the console and starts the next window. Returns it, or {}."""
+        if metrics:
+            self.log.write({"step": step_done, **metrics})
+        if "loss" not in metrics:
             return {}
-        record = self._train_record(step_done)  # timed before the evaluation
-        record.update(self.evaluator.maybe_eval(step_done, last))
-        self.log.write(record)
-        self.log.echo(self._line(record))
+        self.log.echo(self._line(metrics))
         self._restart_window()
-        return record
+        return metrics
 
     def _train_record(self, step_done: int) -> dict:
         t, seq_len, n = self.cfg.train, self.cfg.data.seq_len, self.window_steps
         mean_ce, mean_z = distributed.all_reduce([self.ce_sum / n, self.z_sum / n])
         tokens_per_s = n * t.global_batch_size * seq_len / (time.time() - self.window_start)
-        record = {"step": step_done, "loss": mean_ce / self.world, "lr": self.cfg.optim.lr * self.schedule(step_done - 1),
+        lr = self.cfg.optim.lr * self.schedule(step_done - 1)  # the step just trained
+        record = {"step": step_done, "loss": mean_ce / self.world, "lr": lr,
                   "grad_norm": float(self.engine.get_global_grad_norm() or 0.0), "tokens_per_s": tokens_per_s,
                   "mfu": mfu(self.flops_per_token, tokens_per_s, self.peak, self.world),
                   "tokens": step_done * t.global_batch_size * seq_len}
@@ -193,6 +196,7 @@ class Run:
     log: MetricsLog
     stopper: Stopper
     reporter: Reporter
+    evaluator: Evaluator
     checkpointer: Checkpointer
     out_dir: str
 
@@ -249,7 +253,8 @@ def setup(cfg, job_start: float, stop: StopSignal) -> Run:
     checkpoint.prepare_reshard(source, rank, world)
     torch.manual_seed(t.seed)
     model = build_model(cfg.model)
-    engine, group_rows, schedule = build_engine(cfg, model, world, t.max_steps, load_universal=bool(source and source.reshard))
+    reshard = bool(source and source.reshard)
+    engine, group_rows, schedule = build_engine(cfg, model, world, t.max_steps, load_universal=reshard)
     state = checkpoint.resume(engine, source) if source else TrainState()
     out_dir = os.path.abspath(t.out_dir)
     if rank == 0:
@@ -257,10 +262,12 @@ def setup(cfg, job_start: float, stop: StopSignal) -> Run:
     loader = WindowLoader(train_data, d.seq_len, t.seed, t.global_batch_size, t.max_steps, d.bi_induct)
     log = MetricsLog(cfg, out_dir, state.step, t.max_steps, active=rank == 0)
     telemetry = TelemetryLog(out_dir, state.step, active=rank == 0)
-    evaluator = Evaluator(cfg, engine, eval_windows(val_data, d.seq_len, cfg.eval.windows), telemetry, rank, world)
-    run = Run(cfg, engine, loader, state, engine.gradient_accumulation_steps(), rank, world, log,
-              Stopper(cfg, job_start, stop, rank), Reporter(cfg, engine, loader, schedule, log, evaluator, world),
-              Checkpointer(cfg, engine, log), out_dir)
+    val = eval_windows(val_data, d.seq_len, cfg.eval.windows)
+    run = Run(cfg=cfg, engine=engine, loader=loader, state=state, accum=engine.gradient_accumulation_steps(),
+              rank=rank, world=world, log=log, stopper=Stopper(cfg, job_start, stop, rank),
+              reporter=Reporter(cfg, engine, loader, schedule, log, world),
+              evaluator=Evaluator(cfg, engine, val, telemetry, rank, world),
+              checkpointer=Checkpointer(cfg, engine, log), out_dir=out_dir)
     _announce(run, model, group_rows, budget_info, source)
     return run
 
@@ -271,7 +278,7 @@ def train(cfg) -> dict:
     run = setup(cfg, job_start, stop)
     result = {"start_step": run.state.step}
     if run.state.step == 0 and cfg.eval.final:
-        result.update(run.reporter.initial())
+        result.update(run.reporter.initial(run.evaluator.run(0)))
     stop_reason = None
     for step in range(run.state.step, cfg.train.max_steps):
         step_start = time.time()
@@ -279,7 +286,9 @@ def train(cfg) -> dict:
         run.state = TrainState.at(step + 1, cfg.train.global_batch_size)
         stop_reason = run.stopper.reason(run.state.step, time.time() - step_start, run.checkpointer.longest_save)
         last = run.state.step == cfg.train.max_steps or stop_reason is not None
-        result.update(run.reporter.maybe_report(run.state.step, last, stats))
+        metrics = run.reporter.maybe_summarize(run.state.step, last, stats)
+        metrics.update(run.evaluator.maybe_eval(run.state.step, last))
+        result.update(run.reporter.write(run.state.step, metrics))
         run.checkpointer.maybe_save(run.state, last)
         if stop_reason:
             run.log.echo(f"stopping at step {run.state.step}: {stop_reason}; resume with train.resume=auto")
