@@ -14,8 +14,10 @@ import argparse
 import hashlib
 import json
 import os
+import multiprocessing
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 from omegaconf import OmegaConf
@@ -73,8 +75,15 @@ class PeakMemory:
 def measure(cfg, steps: int, warmup: int = 2) -> dict:
     """Seconds, tokens/s (per device), MFU and peak memory of `steps` trainer steps after `warmup`.
 
-    Sets up the process group (one rank unless launched by torchrun) and leaves it up: DeepSpeed
-    cannot set up engines again in a process after a teardown."""
+    In a fresh process: DeepSpeed keeps its process groups in module globals, so a process can set
+    up engines only once, and the caller's environment (ranks, port) stays as it was."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        return pool.submit(_measure, OmegaConf.to_container(cfg, resolve=True), steps, warmup).result()
+
+
+def _measure(cfg: dict, steps: int, warmup: int) -> dict:
+    cfg = OmegaConf.create(cfg)
     distributed.prepare_env()
     distributed.init(cfg.train.dist_timeout)
     world = distributed.world_size()
@@ -96,11 +105,13 @@ def measure(cfg, steps: int, warmup: int = 2) -> dict:
 
     timed(warmup)
     seconds = timed(steps)
+    peak_memory = memory.peak()
+    distributed.teardown()
     tokens_per_s = steps * accum * m * T / seconds
     return {"device": engine.device.type, "seconds": seconds, "tokens_per_s": tokens_per_s,
             "dtype": resolve_dtype(cfg.train),
             "mfu": mfu(train_flops_per_token(cfg.model, T), tokens_per_s, peak_flops(cfg.logging.peak_flops)),
-            "peak_memory_bytes": memory.peak(), "memory_kind": memory.kind(), "grad_accumulation": accum,
+            "peak_memory_bytes": peak_memory, "memory_kind": memory.kind(), "grad_accumulation": accum,
             "params": sum(p.numel() for p in model.parameters())}
 
 
