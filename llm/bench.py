@@ -1,31 +1,36 @@
 """`python -m llm bench CONFIG [overrides...] --steps N --device-name NAME --out FILE`.
 
-Times training steps (forward, backward, clipping, AdamW step) of the config's model at its
-micro batch and seq_len on one device (CUDA if available, else CPU; bf16 autocast where the
-trainer would use bf16) and appends {device_name, bench_key, model summary, tokens_per_s} to a
-JSON list (default benchmarks/results.json). `train.budget.accelerator_hours` converts hours into
-tokens with the newest record for its `reference_device` and the config's bench_key (llm.budget).
+Times the trainer's own optimizer step (llm.engine: the DeepSpeed engine as `llm train` builds
+it, at the config's ZeRO stage, dtype, micro batch and gradient accumulation, on random tokens)
+on this process's device (CUDA if available, else CPU) and reports tokens/s per device, MFU
+against the device's dense bf16 peak (llm.flops; not reported on CPU, where no peak is known,
+unless logging.peak_flops is set) and peak memory (CUDA: the allocator's peak; CPU: the
+process's peak resident set). Appends a record {device_name, bench_key, model summary,
+tokens_per_s, mfu, peak_memory_bytes, ...} to a JSON list: --out, default benchmarks/results.json
+relative to the working directory. `train.budget.accelerator_hours` converts hours into tokens
+with the newest record for its `reference_device` and the config's bench_key (llm.budget).
 """
 import argparse
-import contextlib
 import hashlib
 import json
 import os
+import multiprocessing
 import platform
 import time
-from pathlib import Path
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from llm import distributed
 from llm.config import ConfigError, load_config
+from llm.engine import build_engine, resolve_dtype, train_step
 from llm.files import write_json
+from llm.flops import mfu, peak_flops, train_flops_per_token
 from llm.model import build_model
 from llm.model.gpt import layer_mixers
-from llm.optim import param_groups
 
-DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results.json"
+DEFAULT_RESULTS = os.path.join("benchmarks", "results.json")  # relative to the working directory
 
 
 def bench_key(cfg) -> str:
@@ -39,39 +44,74 @@ def default_device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{platform.machine()}"
 
 
-def measure(cfg, steps: int, warmup: int = 2) -> dict:
-    """Seconds and tokens/s of `steps` training steps on random tokens, after `warmup` steps."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = cfg.train.dtype if cfg.train.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model).to(device)
-    o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    m, T = cfg.train.micro_batch_size, cfg.data.seq_len
-    batch = torch.randint(cfg.model.vocab_size, (m, T + 1), device=device)
-    autocast = torch.autocast(device.type, torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+class PeakMemory:
+    """Peak memory from `reset()` on: CUDA's allocator peak, or on CPU the process's peak resident
+    set (Linux VmHWM, reset through /proc/self/clear_refs; None where that is not available)."""
 
-    def step():
-        with autocast:
-            logits = model(batch[:, :-1])
-        F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
 
-    def sync():
-        if device.type == "cuda":
+    def reset(self) -> None:
+        if self.cuda:
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        elif os.path.exists("/proc/self/clear_refs"):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := the current resident set
 
-    for _ in range(warmup):
-        step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens_per_s": steps * m * T / seconds, "dtype": dtype,
+    def peak(self):
+        if self.cuda:
+            return torch.cuda.max_memory_allocated()
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            return None
+
+    def kind(self) -> str:
+        return "cuda_max_allocated" if self.cuda else "process_peak_rss"
+
+
+def measure(cfg, steps: int, warmup: int = 2) -> dict:
+    """Seconds, tokens/s (per device), MFU and peak memory of `steps` trainer steps after `warmup`.
+
+    In a fresh process: DeepSpeed keeps its process groups in module globals, so a process can set
+    up engines only once, and the caller's environment (ranks, port) stays as it was."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        return pool.submit(_measure, OmegaConf.to_container(cfg, resolve=True), steps, warmup).result()
+
+
+def _measure(cfg: dict, steps: int, warmup: int) -> dict:
+    cfg = OmegaConf.create(cfg)
+    distributed.prepare_env()
+    distributed.init(cfg.train.dist_timeout)
+    world = distributed.world_size()
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    engine, _, _ = build_engine(cfg, model, world, warmup + steps)
+    m, T, accum = cfg.train.micro_batch_size, cfg.data.seq_len, engine.gradient_accumulation_steps()
+    batch = torch.randint(cfg.model.vocab_size, (m, T + 1), device=engine.device)
+    memory = PeakMemory(engine.device)
+
+    def timed(n: int) -> float:
+        memory.reset()
+        start = time.perf_counter()
+        for _ in range(n):
+            train_step(engine, lambda i: (batch[:, :-1], batch[:, 1:]), accum, cfg.train.z_loss)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed(warmup)
+    seconds = timed(steps)
+    peak_memory = memory.peak()
+    distributed.teardown()
+    tokens_per_s = steps * accum * m * T / seconds
+    return {"device": engine.device.type, "seconds": seconds, "tokens_per_s": tokens_per_s,
+            "dtype": resolve_dtype(cfg.train),
+            "mfu": mfu(train_flops_per_token(cfg.model, T), tokens_per_s, peak_flops(cfg.logging.peak_flops)),
+            "peak_memory_bytes": peak_memory, "memory_kind": memory.kind(), "grad_accumulation": accum,
             "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -95,6 +135,20 @@ def find_throughput(cfg, device_name: str, path=None) -> dict:
     return records[-1]
 
 
+def describe(record: dict) -> str:
+    """One line: tokens/s, MFU (or why there is none), peak memory."""
+    if record["mfu"] is not None:
+        eff = f"MFU {record['mfu']:.1%}"
+    elif record["device"] == "cpu":
+        eff = "MFU n/a on CPU (no meaningful peak to compare with; logging.peak_flops sets one)"
+    else:
+        eff = "MFU n/a (this GPU is not in llm.flops.GPU_PEAK_FLOPS; logging.peak_flops sets its peak)"
+    mem = record["peak_memory_bytes"]
+    mem = f"peak memory {mem / 2 ** 30:.2f} GiB ({record['memory_kind']})" if mem is not None else "peak memory n/a"
+    return (f"{record['device_name']}: {record['tokens_per_s']:,.0f} tokens/s, {eff}, {mem}; {record['steps']} "
+            f"steps of {record['grad_accumulation']} x {record['micro_batch_size']} x {record['seq_len']}, {record['dtype']}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m llm bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,7 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.micro_batch_size=8")
     p.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--device-name", default=None, help="name to record (default: the CUDA device name or cpu-<arch>)")
-    p.add_argument("--out", default=str(DEFAULT_RESULTS), help="JSON list to append to")
+    p.add_argument("--out", default=DEFAULT_RESULTS, help=f"JSON list to append to (default: {DEFAULT_RESULTS})")
     a = p.parse_args(argv)
     if a.steps < 1:
         p.error("--steps must be >= 1")
@@ -111,16 +165,13 @@ def main(argv=None) -> int:
     record = {"device_name": a.device_name or default_device_name(), "bench_key": bench_key(cfg),
               "config": os.path.relpath(a.config), "overrides": list(a.overrides),
               "model": {"layers": layer_mixers(cfg.model), "d_model": cfg.model.d_model,
-                        "params": result["params"]},
+                        "params": result.pop("params")},
               "seq_len": cfg.data.seq_len, "micro_batch_size": cfg.train.micro_batch_size,
-              "dtype": result["dtype"], "steps": a.steps, "seconds": result["seconds"],
-              "tokens_per_s": result["tokens_per_s"], "torch": torch.__version__,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+              "zero_stage": cfg.train.zero_stage, "steps": a.steps, **result,
+              "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    results = read_results(a.out) + [record]
-    write_json(a.out, results)
-    print(f"{record['device_name']}: {record['tokens_per_s']:,.0f} tokens/s ({a.steps} steps of "
-          f"{cfg.train.micro_batch_size} x {cfg.data.seq_len}, {result['dtype']}) -> {a.out}")
+    write_json(a.out, read_results(a.out) + [record])
+    print(f"{describe(record)} -> {a.out}")
     return 0
 
 

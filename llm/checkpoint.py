@@ -1,5 +1,11 @@
 """Checkpoints: DeepSpeed's sharded files plus our own commit protocol, resharding, consolidated loading.
 
+This module owns the commit record (`complete.json`: written by `save`, read by `commit_record`)
+and the client state (`TrainState` plus RNG states and the resolved config): `save(engine, cfg,
+state)` writes both; `find_resume(cfg)` picks and checks the checkpoint to continue,
+`prepare_reshard` converts it for another world size, and `resume(engine, source)` loads it and
+returns the `TrainState`.
+
 Layout under `<out_dir>/checkpoints/`: one directory per tag (`step_00000100`), written by
 DeepSpeed on every rank; once all ranks are done, rank 0 writes `<tag>/complete.json` (the commit
 record: step, world size, ZeRO stage, global batch and model config) and then atomically replaces
@@ -15,10 +21,15 @@ import contextlib
 import glob
 import json
 import os
+import random
 import shutil
+from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
+from omegaconf import OmegaConf
 
+from llm.config import ConfigError
 from llm.files import atomic_path, write_atomic
 
 COMPLETE = "complete.json"
@@ -47,31 +58,156 @@ def find_latest(ckpt_root: str):
     return tags[-1] if tags else None
 
 
+@dataclass
+class TrainState:
+    """Training progress: optimizer steps done and the data position, the global sample index
+    (world-size independent: step * train.global_batch_size, as every step reads one global batch)."""
+    step: int = 0
+    global_sample: int = 0
+
+    @classmethod
+    def at(cls, step: int, global_batch_size: int) -> "TrainState":
+        return cls(step, step * global_batch_size)
+
+
+def ckpt_root(cfg) -> str:
+    return os.path.join(os.path.abspath(cfg.train.out_dir), "checkpoints")
+
+
+# --- the commit record (complete.json): written by `save`, read by `commit_record` -------------
+
+def _commit_record(cfg, step: int, world_size: int) -> dict:
+    return {"step": step, "world_size": world_size, "zero_stage": cfg.train.zero_stage,
+            "global_batch_size": cfg.train.global_batch_size,
+            "model": OmegaConf.to_container(cfg.model, resolve=True)}
+
+
 def commit_record(ckpt_root: str, tag: str) -> dict:
     """The `complete.json` of a tag: step, world_size, zero_stage, global_batch_size, model."""
     with open(os.path.join(ckpt_root, tag, COMPLETE)) as f:
         return json.load(f)
 
 
-def save(engine, ckpt_root: str, step: int, client_state: dict, keep_last: int, record: dict) -> str:
-    """Save on every rank; commit (marker with `record`, then `latest`) on rank 0 once all ranks are
-    done; then drop all but the newest `keep_last` complete tags (with their universal copies)."""
+def check_fits(cfg, ckpt_dir: str, tag: str) -> dict:
+    """The checkpoint's commit record, once it is clear that the config can continue it."""
+    saved = commit_record(ckpt_dir, tag)
+    ours = {f"model.{k}": v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "kernels"}
+    theirs = {f"model.{k}": v for k, v in saved["model"].items()}
+    for key in ("global_batch_size", "zero_stage"):  # DeepSpeed cannot load another ZeRO stage's layout
+        ours[f"train.{key}"], theirs[f"train.{key}"] = cfg.train[key], saved[key]
+    diff = [f"{k}: checkpoint {theirs.get(k)!r} vs config {v!r}" for k, v in ours.items() if theirs.get(k) != v]
+    if diff:
+        raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, tag)} does not fit the config ({', '.join(diff)})")
+    return saved
+
+
+# --- RNG states (in client_state) ---------------------------------------------------------------
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --- save and resume ------------------------------------------------------------------------------
+
+def save(engine, cfg, state: TrainState) -> str:
+    """Save on every rank; commit (complete.json, then `latest`) on rank 0 once all ranks are done;
+    then drop all but the newest train.keep_last complete tags (with their universal copies)."""
     import torch.distributed as dist
 
-    tag = tag_for(step)
-    engine.save_checkpoint(ckpt_root, tag=tag, client_state=client_state, save_latest=False)
+    root, tag = ckpt_root(cfg), tag_for(state.step)
+    client = {**asdict(state), "global_batch_size": cfg.train.global_batch_size, "rng": _rng_state(),
+              "config": OmegaConf.to_container(cfg, resolve=True)}
+    engine.save_checkpoint(root, tag=tag, client_state=client, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
-        record = {"step": step, "world_size": dist.get_world_size(), **record}
-        write_atomic(os.path.join(ckpt_root, tag, COMPLETE), json.dumps(record, indent=1))
-        write_atomic(os.path.join(ckpt_root, "latest"), tag)
-        for old in complete_tags(ckpt_root)[:-keep_last]:
+        record = _commit_record(cfg, state.step, dist.get_world_size())
+        write_atomic(os.path.join(root, tag, COMPLETE), json.dumps(record, indent=1))
+        write_atomic(os.path.join(root, "latest"), tag)
+        for old in complete_tags(root)[:-cfg.train.keep_last]:
             # The marker goes first, so a half-deleted tag is never taken for a checkpoint.
-            os.remove(os.path.join(ckpt_root, old, COMPLETE))
-            shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
-            shutil.rmtree(os.path.join(ckpt_root, old + UNIVERSAL), ignore_errors=True)
+            os.remove(os.path.join(root, old, COMPLETE))
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+            shutil.rmtree(os.path.join(root, old + UNIVERSAL), ignore_errors=True)
     dist.barrier()
     return tag
+
+
+@dataclass
+class ResumeSource:
+    """A complete checkpoint that fits the config, and how this world size loads it."""
+    ckpt_root: str
+    tag: str
+    record: dict  # its commit record
+    reshard: bool = False  # saved by another world size: load its universal copy
+
+    @property
+    def load_tag(self) -> str:
+        return self.tag + UNIVERSAL if self.reshard else self.tag
+
+    def describe(self, step: int) -> str:
+        return (f"resumed from {os.path.join(self.ckpt_root, self.load_tag)} at step {step}"
+                + (f" (saved by {self.record['world_size']} ranks)" if self.reshard else ""))
+
+
+def find_resume(cfg):
+    """The ResumeSource train.resume names (None for a fresh run), checked against the config.
+    Needs no process group, so a bad resume fails before anything starts."""
+    root = ckpt_root(cfg)
+    found = resolve_resume(cfg.train.resume, root)
+    if found is None and cfg.train.resume == "none" and complete_tags(root):
+        raise ConfigError(f"train.out_dir={cfg.train.out_dir} already holds checkpoints: continue it with "
+                          f"train.resume=auto, or choose another train.out_dir")
+    return ResumeSource(*found, check_fits(cfg, *found)) if found else None
+
+
+def prepare_reshard(source, rank: int, world: int) -> None:
+    """DeepSpeed loads another world size's layout only from its universal format: rank 0 converts
+    once (collective: every rank calls this after the process group is up)."""
+    if source is None or source.record["world_size"] == world:
+        return
+    if rank == 0:
+        to_universal(source.ckpt_root, source.tag)
+    torch.distributed.barrier()
+    source.reshard = True
+
+
+def resume(engine, source: ResumeSource) -> TrainState:
+    """Load the checkpoint into the engine (built with load_universal=source.reshard) and restore
+    the RNG states; the training state to continue from."""
+    if source.reshard:
+        client = _load_universal(engine, source.ckpt_root, source.load_tag)
+    else:
+        client = engine.load_checkpoint(source.ckpt_root, source.tag)[1]
+    _set_rng_state(client["rng"])
+    g = source.record["global_batch_size"]
+    return TrainState(client["global_sample"] // g, client["global_sample"])
+
+
+def _load_universal(engine, ckpt_dir: str, tag: str) -> dict:
+    """engine.load_checkpoint of a universal checkpoint; returns the client state.
+
+    DeepSpeed 0.19's ZeRO-3 universal load gives every param group the first one's hyperparameters
+    (weight decay, lr) and all of them one shared Adam step tensor, which each group's update then
+    advances: put back each group's own hyperparameters, at the resumed schedule's lr, and step."""
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    _, client = engine.load_checkpoint(ckpt_dir, tag)
+    for g, ours, lr in zip(engine.optimizer.param_groups, hyper, engine.lr_scheduler.get_last_lr()):
+        g.update(ours, lr=lr)
+    for state in engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    return client
 
 
 def resolve_resume(resume: str, ckpt_root: str):

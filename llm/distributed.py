@@ -1,4 +1,5 @@
 """Process-group setup for plain `python`, torchrun and SLURM: ranks come from the environment."""
+import logging
 import os
 import re
 import socket
@@ -57,8 +58,12 @@ def parse_slurm_time(text: str):
 
 
 def init(timeout_s: float) -> None:
+    """Start the process group (once per process) and keep DeepSpeed's logger to warnings."""
     import deepspeed
     import torch.distributed as dist
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
 
     if dist.is_initialized():
         return

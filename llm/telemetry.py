@@ -7,12 +7,14 @@ Vetterli: exp of the entropy of the normalized singular values) and nuclear norm
 that declares per-head projections (`Mixer.projections()`: q, k for qk; v, o for vo); others
 (PD-SSM) are skipped.
 """
-import json
 import math
 import os
 
 import torch
 from torch import nn
+
+from llm.logs import JsonlLog
+
 
 def effective_rank(singular_values: torch.Tensor) -> float:
     """exp(entropy of s / sum(s)): n for n equal singular values, 1 for rank one, 0 for zero."""
@@ -89,19 +91,11 @@ class TelemetryLog:
     """RUN_DIR/telemetry.jsonl, written by rank 0; all ranks call `write` (ZeRO-3 gathers)."""
 
     def __init__(self, out_dir: str, start_step: int, active: bool):
-        self.path, self.active = os.path.join(out_dir, "telemetry.jsonl"), active
-        if active and os.path.isfile(self.path):
-            # A fresh run starts the file over; a resumed one drops what a crashed run wrote after
-            # the checkpoint it resumes from (those steps are trained and measured again).
-            with open(self.path) as f:
-                keep = [line for line in f if start_step and json.loads(line)["step"] <= start_step]
-            with open(self.path, "w") as f:
-                f.writelines(keep)
+        self.active = active
+        self.file = JsonlLog(os.path.join(out_dir, "telemetry.jsonl"), start_step, active)
 
     def write(self, model, step: int) -> dict[str, float]:
         """Append this step's records; return the per-layer summary for the metrics log."""
         records = attention_ranks(model, step, compute=self.active)
-        if records:
-            with open(self.path, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
+        self.file.append(records)
         return layer_summary(records)

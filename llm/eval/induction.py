@@ -8,14 +8,13 @@ mean attention mass on that target; they need attention weights, so they exist f
 (loss on the first copy minus loss on the second) is measured with and without that layer's mixer
 output zeroed.
 """
-import json
 import os
 import random
 from contextlib import contextmanager
 
 import torch
 
-from llm.checkpoint import COMPLETE, complete_tags, load_model
+from llm.checkpoint import commit_record, complete_tags, load_model
 from llm.eval import device_of, token_losses
 from llm.ops.attention import attention_probs
 
@@ -185,7 +184,7 @@ def checkpoint_scores(run_dir: str, tokens, batch_size: int = 16, device: str = 
     for tag in complete_tags(root):
         model, _ = load_model(run_dir, tag)
         scores = head_scores(model.to(device), tokens, batch_size)
-        step = json.load(open(os.path.join(root, tag, COMPLETE)))["step"]
+        step = commit_record(root, tag)["step"]
         out.append({"tag": tag, "step": step, **{
             key: [scores[i][row].tolist() if i in scores else None for i in range(len(model.blocks))]
             for row, key in enumerate(("induction", "anti_induction"))}})

@@ -16,14 +16,15 @@ themselves. Predicting the second copy needs an induction head; one softmax laye
 import argparse
 import itertools
 import json
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
+from llm.config import OptimConfig
+from llm.engine import PlainEngine, train_step
 from llm.model import build_model
 from llm.model.mixers import MIXERS
 
@@ -119,29 +120,36 @@ def make_model(task: Task, mixer: str, mixer_args: dict, d_model: int, n_layers:
                         "mixer_args": mixer_args, "tie_embeddings": False})
 
 
+class LabelHead(nn.Module):
+    """The model's first n_classes outputs, which score the task's labels."""
+
+    def __init__(self, model, n_classes: int):
+        super().__init__()
+        self.model, self.n_classes = model, n_classes
+
+    def forward(self, x):
+        return self.model(x)[..., :self.n_classes]
+
+
 def train(model, task: Task, lengths: tuple, steps: int, batch: int, lr: float, seed: int) -> float:
-    """AdamW with warmup and cosine decay on fresh batches, each of one length drawn from
-    `lengths` (inclusive range); cross-entropy on every labelled position. Returns seconds."""
+    """The trainer's step (llm.engine.train_step: lm_loss, clipping at 1, AdamW) with its LR
+    schedule (linear warmup over the first tenth, then cosine to zero) on fresh batches, each of
+    one length drawn from `lengths` (inclusive range); cross-entropy on every labelled position.
+    Returns seconds."""
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    warmup = max(1, steps // 10)
+    optim_cfg = OptimConfig(lr=lr, weight_decay=0.0, betas=[0.9, 0.98], warmup_steps=max(1, steps // 10),
+                            schedule="cosine", min_lr_ratio=0.0, grad_clip=1.0)
+    engine = PlainEngine(LabelHead(model, task.n_classes), optim_cfg, steps)
 
-    def schedule(s):  # linear warmup over the first tenth, then cosine to zero
-        return min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)))
+    def labelled_batch(_):
+        L = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=g))
+        x, y, mask = task.sample(g, batch, L)
+        return x, torch.where(mask, y, -100)  # -100: no label (lm_loss ignores it)
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     model.train()
     start = time.perf_counter()
     for _ in range(steps):
-        L = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=g))
-        x, y, mask = task.sample(g, batch, L)
-        logits = model(x)[..., :task.n_classes]
-        loss = F.cross_entropy(logits[mask], y[mask])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        train_step(engine, labelled_batch, accum=1)
     return time.perf_counter() - start
 
 
