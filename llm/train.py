@@ -22,7 +22,6 @@ from omegaconf import OmegaConf
 from llm import checkpoint, distributed
 from llm.checkpoint import TrainState
 from llm.config import ConfigError, save_config
-from llm.engine import ds_config  # noqa: F401 (its old import path)
 from llm.engine import build_engine, lm_loss, resolve_dtype, train_step
 from llm.flops import mfu, peak_flops, train_flops_per_token
 from llm.logs import MetricsLog

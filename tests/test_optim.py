@@ -12,7 +12,7 @@ from llm.model import build_model
 from llm.model.mixers import MIXERS
 from llm.model.roles import param_role
 from llm.optim import describe_groups, lr_schedule, param_groups
-from llm.train import ds_config, lm_loss
+from llm.engine import ds_config, lm_loss
 
 TINY = {"vocab_size": 97, "d_model": 32, "n_layers": 2, "n_heads": 4}
 MODELS = {name: {**TINY, "mixer": name} for name in sorted(MIXERS)}
