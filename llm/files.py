@@ -2,7 +2,8 @@
 the target, is flushed to disk, and is then renamed over the target (atomic on POSIX).
 
 This is the one place that does write-then-replace; everything that publishes a file or a
-directory (configs, commit records, shards, tokenizers, eval results) goes through `atomic_path`.
+directory (configs, commit records, shards, tokenizers, eval results, whole data directories) goes
+through `atomic_path`.
 """
 import contextlib
 import json
@@ -13,8 +14,12 @@ import shutil
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yield a temporary path beside `path`; when the block succeeds, what was written there (a
-    file, or a directory where `path` does not exist yet) replaces `path`; when it fails, it is
-    removed and `path` is untouched."""
+    file or a directory) replaces `path`; when it fails, it is removed and `path` is untouched.
+
+    A directory cannot be renamed over an existing one, so an existing directory `path` is first
+    renamed aside to `path.old.<pid>`, the new one renamed into place, then the old one removed: a
+    crash between the two renames leaves the old directory whole at `path.old.<pid>`, never a
+    half-written `path`."""
     tmp = f"{path}.tmp.{os.getpid()}"
     remove(tmp)  # left by a crashed process that had our pid
     try:
@@ -22,10 +27,21 @@ def atomic_path(path: str):
         if os.path.isfile(tmp):
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except BaseException:
         remove(tmp)
         raise
+
+
+def _replace(tmp: str, path: str) -> None:
+    if os.path.isdir(tmp) and os.path.isdir(path) and not os.path.islink(path):
+        old = f"{path}.old.{os.getpid()}"
+        remove(old)
+        os.rename(path, old)
+        os.rename(tmp, path)
+        remove(old)
+    else:
+        os.replace(tmp, path)
 
 
 def write_atomic(path: str, data) -> None:

@@ -160,3 +160,13 @@ def test_eval_windows_in_order_and_rank_split(data_dir):
         assert len({len(p) for p in per_rank}) == 1  # same number of forwards everywhere
         used = torch.cat([b for p in per_rank for b, weight in p if weight])
         assert sorted(map(tuple, used.tolist())) == sorted(map(tuple, windows.tolist()))
+
+
+def test_seq_len_longer_than_the_data_is_a_clear_error(data_dir):
+    val = TokenShards(data_dir, "val")
+    n = val.num_tokens
+    assert val.num_windows(n - 1) == 1 and eval_windows(val, n - 1, 0).shape == (1, n)
+    for make in (lambda: WindowLoader(val, n, seed=0, global_batch_size=1), lambda: eval_windows(val, n, 0)):
+        with pytest.raises(DataError, match=rf"data\.seq_len={n} is longer than the data: .*val holds {n} "
+                                            rf"tokens, fewer than one window of seq_len \+ 1 = {n + 1}"):
+            make()

@@ -9,7 +9,7 @@ import pytest
 
 from data_prep.cli import _split_of, main
 from data_prep.sources import documents, python_docs
-from llm.data import DataError, TokenShards
+from llm.data import TokenShards
 from llm.data.shards import file_sha256
 from llm.data.tokenizer import load_tokenizer, train_tokenizer
 
@@ -113,18 +113,68 @@ def test_source_errors(tmp_path):
         list(documents(f"files:{tmp_path}/*.csv"))
 
 
-def test_failed_run_leaves_no_complete_directory(tmp_path, data_dir, capsys):
-    # Rerunning into a complete directory and failing (held-out split too small) must not leave the
-    # old meta.json next to new shards.
+def _files(path):
+    return {f.name: f.read_bytes() for f in sorted(path.iterdir())}
+
+
+def test_failed_run_keeps_the_old_directory(tmp_path, data_dir, data_topics, capsys, monkeypatch):
+    # A run into a complete directory builds beside it: failing (held-out split too small, a source
+    # that matches nothing, a source that breaks mid-way) leaves the old directory byte-identical.
     out = tmp_path / "out"
     args = ["tokenize", "--source", f"files:{data_dir.parent}/*.txt", "--out", str(out),
             "--tokenizer", str(data_dir), "--val-fraction", "0.2", "--min-val-tokens", "1000"]
-    assert main(args) == 0
-    assert TokenShards(out, "train").num_tokens > 0
+    assert main(args + ["--shard-tokens", "3000"]) == 0
+    old = _files(out)
+    assert len(old) > 10 and TokenShards(out, "train").num_tokens > 0
     assert main(args[:-1] + ["10000000"]) == 1
     assert "raise --val-fraction" in capsys.readouterr().err
-    assert not (out / "meta.json").exists()
-    with pytest.raises(DataError, match="python -m data_prep tokenize --source builtin:python-docs --out"):
-        TokenShards(out, "train")
-    # A reused tokenizer is copied unchanged.
+    assert main(["tokenize", "--source", f"files:{tmp_path}/nothing/*.txt", "--out", str(out)]) == 1
+    assert "no files match" in capsys.readouterr().err
+
+    def breaking_source(*_):  # the second batch never comes: killed after shards were written
+        yield from (doc[:300] for doc in (data_topics * 10)[:600])
+        assert list(tmp_path.glob("out.tmp.*/train-*.bin"))  # mid-build indeed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("data_prep.cli.documents", breaking_source)
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["--shard-tokens", "3000"])
+    monkeypatch.undo()
+    assert _files(out) == old and os.listdir(tmp_path) == ["out"]  # no temporary left either
+    assert TokenShards(out, "train").num_tokens == TokenShards(data_dir.parent / "shards", "train").num_tokens
+    # A reused tokenizer is copied unchanged; a successful rerun replaces the directory whole
+    # (no shard of the old run stays).
     assert file_sha256(str(out / "tokenizer.model")) == file_sha256(str(data_dir / "tokenizer.model"))
+    assert main(args) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    listed = {n for e in meta["splits"].values() for n in e["shards"]}
+    assert {f.name for f in out.glob("*.bin")} == listed and len(listed) < len([n for n in old if n.endswith(".bin")])
+
+
+def test_out_holding_other_files_is_refused(tmp_path, data_dir, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["tokenize", "--source", f"files:{data_dir.parent}/*.txt", "--out", str(mine),
+                 "--tokenizer", str(data_dir)]) == 1
+    assert "holds files a data directory does not (notes.txt)" in capsys.readouterr().err
+    assert _files(mine) == {"notes.txt": b"keep me"}
+
+
+def test_failed_bi_induct_keeps_the_old_directory(tmp_path, data_dir, monkeypatch):
+    out = tmp_path / "bi"
+    args = ["bi-induct", "--in", str(data_dir), "--out", str(out), "--mode", "forward", "--rate", "0.3",
+            "--span", "4", "8", "--seq-len", "32"]
+    assert main(args) == 0
+    old = _files(out)
+
+    def failing_rewrite(*_, **__):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("data_prep.cli.rewrite", failing_rewrite)
+    with pytest.raises(OSError, match="No space left"):
+        main(args[:-1] + ["64"])
+    assert _files(out) == old and os.listdir(tmp_path) == ["bi"]
+    assert TokenShards(out, "train").bi_induct["seq_len"] == 32
+    assert main(["bi-induct", "--in", str(tmp_path / "nope"), *args[3:]]) == 1  # a missing source
+    assert _files(out) == old

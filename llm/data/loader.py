@@ -30,10 +30,7 @@ class WindowLoader:
                  max_steps=None, bi_induct=None):
         self.shards, self.seq_len, self.seed = shards, seq_len, seed
         self.global_batch_size, self.max_steps = global_batch_size, max_steps
-        self.num_windows = (shards.num_tokens - 1) // seq_len
-        if self.num_windows < 1:
-            raise DataError(f"{shards.path} {shards.split}: {shards.num_tokens} tokens, need at least "
-                            f"seq_len + 1 = {seq_len + 1} for one window")
+        self.num_windows = shards.num_windows(seq_len)
         self.bi = _bi_induct_plan(bi_induct, shards, seq_len, max_steps)
         self.stats = RewriteStats()
         self._perms: dict[int, np.ndarray] = {}
@@ -118,8 +115,9 @@ def _bi_induct_plan(bi_induct, shards: TokenShards, seq_len: int, max_steps):
         return None
     if bi.anneal == "linear" and not max_steps:
         raise DataError("data.bi_induct.anneal=linear needs max_steps (the schedule it anneals over)")
+    sep = shards.require_sep()
     try:
-        check_args(bi.mode, bi.rate, list(bi.span), shards.sep_id, seq_len)
+        check_args(bi.mode, bi.rate, list(bi.span), sep, seq_len)
     except ValueError as e:
         raise DataError(f"data.bi_induct with data.seq_len={seq_len}: {e}") from None
     return OmegaConf.to_object(bi)  # a plain BiInductConfig: read once per sample
@@ -128,10 +126,7 @@ def _bi_induct_plan(bi_induct, shards: TokenShards, seq_len: int, max_steps):
 def eval_windows(shards: TokenShards, seq_len: int, n: int) -> torch.Tensor:
     """The first n windows of a held-out split in order, LongTensor[n, seq_len + 1] (n <= 0 or more
     than there are: all). Never rewritten."""
-    total = (shards.num_tokens - 1) // seq_len
-    if total < 1:
-        raise DataError(f"{shards.path} {shards.split}: {shards.num_tokens} tokens, fewer than one "
-                        f"window of seq_len + 1 = {seq_len + 1}")
+    total = shards.num_windows(seq_len)
     n = total if n <= 0 or n > total else n
     tokens = torch.from_numpy(shards.slice(0, n * seq_len + 1).astype(np.int64))
     return tokens.unfold(0, seq_len + 1, seq_len).contiguous()

@@ -1,19 +1,21 @@
 """The on-disk format of a tokenized corpus directory: its writer and its reader.
 
     meta.json            written last; its presence marks the directory complete
-    tokenizer.model      the sentencepiece model
+    tokenizer.model      the tokenizer: a sentencepiece model (or tokenizer.json, a Hugging Face one)
     train-00000.bin ...  flat token arrays (little-endian uint16, uint32 for vocabularies > 65536)
     train-00000.json     the shard's header: format, split, dtype, vocab_size, tokenizer_sha256, tokens
     val-00000.bin ...
 
-Every file goes to a temporary name first and is moved into place (`llm.files.atomic_path`), and a writer
-removes meta.json before anything else, so an interrupted run never leaves a directory that looks
-complete. `TokenShards` reads one split and validates every file against meta.json and the headers.
+A directory is built whole in a temporary directory beside its destination and swapped in only
+when complete (`building`, through `llm.files.atomic_path`): a run that fails or is killed leaves
+the old directory as it was. `TokenShards` reads one split and validates every file against
+meta.json and the headers.
 """
-import glob
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -23,6 +25,7 @@ from llm.files import atomic_path, write_json
 FORMAT = 1
 META = "meta.json"
 TOKENIZER_FILE = "tokenizer.model"
+SEP_PIECE = "<sep>"  # Bi-Induct's separator token
 SPLITS = ("train", "val")
 META_FIELDS = ("vocab_size", "special_ids.eos", "special_ids.sep", "tokenizer.file", "tokenizer.sha256",
                *(f"splits.{split}.{key}" for split in SPLITS for key in ("shards", "tokens")))
@@ -58,24 +61,34 @@ def copy_file(src: str, dst: str) -> None:
             shutil.copyfile(src, tmp)
 
 
-def begin(out_dir: str) -> None:
-    """Make `out_dir` and mark it incomplete (no meta.json) before any shard is written."""
-    os.makedirs(out_dir, exist_ok=True)
-    for path in [os.path.join(out_dir, META)] + glob.glob(os.path.join(out_dir, "*.tmp.*")):
-        if os.path.exists(path):
-            os.remove(path)
+# What a data directory may hold (see the module docstring); anything else in --out is not ours to replace.
+DATA_DIRECTORY_FILE = re.compile(r"meta\.json|tokenizer\.(model|json)|bi_induct_stats\.json|(train|val)-\d{5}\.(bin|json)"
+                                 r"|.+\.tmp\.\d+")  # the last: temporaries of an interrupted older writer
 
 
-def finish(out_dir: str, meta: dict) -> None:
-    """Remove shards of an earlier run that `meta` does not list, then write meta.json (last)."""
-    listed = {name for split in meta["splits"].values() for name in split["shards"]}
-    for split in SPLITS:
-        for path in glob.glob(os.path.join(out_dir, f"{split}-*.bin")):
-            if os.path.basename(path) not in listed:
-                os.remove(path)
-                if os.path.exists(header_path(path)):
-                    os.remove(header_path(path))
-    write_json(os.path.join(out_dir, META), meta)
+@contextlib.contextmanager
+def building(out_dir: str):
+    """Yield a new, empty directory beside `out_dir` to build a data directory in; when the block
+    succeeds (after `finish`), it replaces `out_dir`; when it fails, it is removed and `out_dir`
+    is untouched. `out_dir` must be absent, empty, or a data directory (complete or not)."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.isdir(out_dir):
+        foreign = sorted(n for n in os.listdir(out_dir) if not DATA_DIRECTORY_FILE.fullmatch(n))
+        if foreign:
+            raise DataError(f"{out_dir} exists and holds files a data directory does not "
+                            f"({', '.join(foreign[:5])}): building here would replace them; choose a "
+                            f"new or empty directory")
+    elif os.path.exists(out_dir):
+        raise DataError(f"{out_dir} exists and is not a directory")
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    with atomic_path(out_dir) as tmp:
+        os.mkdir(tmp)
+        yield tmp
+
+
+def finish(build_dir: str, meta: dict) -> None:
+    """Write meta.json, the file that marks a data directory complete (last)."""
+    write_json(os.path.join(build_dir, META), meta)
 
 
 class ShardWriter:
@@ -173,7 +186,7 @@ class TokenShards:
         if split not in SPLITS:
             raise DataError(f"split: got {split!r}, expected one of {', '.join(SPLITS)}")
         self.vocab_size = int(meta["vocab_size"])
-        self.eos_id, self.sep_id = meta["special_ids"]["eos"], meta["special_ids"]["sep"]
+        self.eos_id, self.sep_id = meta["special_ids"]["eos"], meta["special_ids"]["sep"]  # sep: None if absent
         self.tokenizer_path = tokenizer_path(self.path, meta)
         self.dtype = token_dtype(self.vocab_size)
         self.split = split
@@ -223,6 +236,24 @@ class TokenShards:
             out[pos - start:pos - start + len(piece)] = piece
             pos, i = pos + len(piece), i + 1
         return out
+
+    def num_windows(self, seq_len: int) -> int:
+        """How many windows of seq_len + 1 tokens (neighbours share their edge token) the split
+        holds; a DataError if not even one: check this before training starts."""
+        n = (self.num_tokens - 1) // seq_len
+        if n < 1:
+            raise DataError(f"data.seq_len={seq_len} is longer than the data: {self.path} {self.split} "
+                            f"holds {self.num_tokens} tokens, fewer than one window of seq_len + 1 = "
+                            f"{seq_len + 1}; lower data.seq_len or use a larger corpus")
+        return n
+
+    def require_sep(self) -> int:
+        """The separator id Bi-Induct needs; a DataError naming the tokenizer if it has none."""
+        if self.sep_id is None:
+            raise DataError(f"Bi-Induct needs a {SEP_PIECE} token, and the tokenizer of {self.path} "
+                            f"({self.tokenizer_path}) has none: tokenize with a tokenizer that has it (one "
+                            f"`python -m data_prep tokenize` trains, i.e. without --tokenizer, does)")
+        return self.sep_id
 
     @property
     def bi_induct(self):
