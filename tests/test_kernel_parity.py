@@ -54,14 +54,16 @@ def kernels_on_cpu(monkeypatch):
 
 
 def assert_parity(label, dtype, tol, got: dict, want: dict):
-    """Every tensor of `want` within relative error `tol` of `got` (NaN fails; a gradient that one
-    side does not produce fails too). Records the errors in TABLE."""
+    """Every tensor of `want` within relative error `tol` of `got` and of the same dtype (NaN
+    fails; a gradient that one side does not produce fails too). Records the errors in TABLE."""
     errors = {}
     for name, w in want.items():
         errors[name] = relative_error(got.get(name), w)
         TABLE.append((label, str(dtype).removeprefix("torch."), name, errors[name], tol))
     bad = {n: e for n, e in errors.items() if not e <= tol}
     assert not bad, f"{label} in {dtype}: fla and torch differ beyond {tol} (relative): {bad}"
+    dtypes = {n: (got[n].dtype, w.dtype) for n, w in want.items() if got[n].dtype != w.dtype}
+    assert not dtypes, f"{label} in {dtype}: (fla, torch) return different dtypes: {dtypes}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
@@ -89,17 +91,27 @@ def test_bf16_codec_matches_torch():
     torch.testing.assert_close(decoded, x.to(torch.bfloat16).float(), rtol=0, atol=0, equal_nan=True)
 
 
+# Glue mistakes the check must catch: (op, how the planted glue rewrites fla's keyword arguments).
+WRONG_GLUES = {
+    "exp(g) for g": ("chunk_gated_delta_rule", lambda kw: {**kw, "g": kw["g"].exp()}),
+    "initial state dropped": ("chunk_delta_rule", lambda kw: {**kw, "initial_state": None}),
+    "lamb doubled": ("chunk_mesa_net", lambda kw: {**kw, "lamb": 2 * kw["lamb"]}),
+}
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
-def test_wrong_glue_is_caught(kernels_on_cpu):
-    """The check has teeth: a glue that passed exp(g) where fla wants the log-decay g fails it."""
-    case, dtype = OP_CASES["chunk_gated_delta_rule"], torch.float16
+@pytest.mark.parametrize("mistake", list(WRONG_GLUES))
+def test_wrong_glue_is_caught(mistake, kernels_on_cpu):
+    """The check has teeth: fla called with one argument wrong fails it."""
+    name, change_kwargs = WRONG_GLUES[mistake]
+    case, dtype = OP_CASES[name], torch.float16
     leaves = case.inputs(dtype, SHAPE, "cpu")
     want = run_op(case, leaves, "torch", backward=False)
-    with fla_calls(case, change_kwargs=lambda kw: {**kw, "g": kw["g"].exp()}) as calls:
+    with fla_calls(case, change_kwargs=change_kwargs) as calls:
         got = run_op(case, leaves, "fla", backward=False)
     assert calls, "the wrong glue was never called"
     with pytest.raises(AssertionError, match="differ beyond"):
-        assert_parity("chunk_gated_delta_rule [exp(g) for g]", dtype, REL_TOL["op"][dtype], got, want)
+        assert_parity(f"{name} [{mistake}]", dtype, REL_TOL["op"][dtype], got, want)
 
 
 MIXERS = {"deltanet": "chunk_delta_rule", "gated_deltanet": "chunk_gated_delta_rule", "mesa": "chunk_mesa_net"}
