@@ -89,8 +89,8 @@ def _cast(original):
 
 
 def _fp_to_fp(original):
-    """fp_to_fp from or to bf16 through the rounding cast above (the interpreter's own rounding
-    carries into the exponent wrongly); other formats (fp8) as the interpreter does them."""
+    """fp_to_fp from or to bf16 through the cast above (the interpreter's own "nearest even" rounds
+    ties up and drops the carry into an odd exponent); other formats (fp8) as it does them."""
 
     @functools.wraps(original)
     def fp_to_fp(self, src, dst_type, rounding_mode):
@@ -148,6 +148,8 @@ def _first_config_only(prune_configs):
     return first
 
 
+# Builder methods that compute on their operands -> the argument whose type the result takes
+# (binary/unary ops: the first; select, fma and dot: the last, `other` / the accumulator).
 _BUILDER_OPS = {"binary_op": 0, "ternary_op": 2, "unary_op": 0, "create_fma": 2, "create_dot": 2,
                 "create_erf": 0, "create_rsqrt": 0}
 
