@@ -80,7 +80,7 @@ stage() {
     fi
 }
 
-echo "gpu_check $(date -u +%FT%TZ) on $(hostname); budget ${BUDGET_S} s; log $LOG"
+echo "gpu_check $(date -u +%FT%TZ) on ${HOSTNAME:-?}; budget ${BUDGET_S} s; log $LOG"
 nvidia-smi -L || true
 [[ -d $WHEELS ]] || { echo "no $WHEELS/ here: make it first with benchmarks/gpu_check.sh --prep"; exit 1; }
 stage "install wheels" 90 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
