@@ -1,0 +1,177 @@
+"""`python -m llm export RUN --format hf`: stock `transformers` loads the export with the logits of
+our model (Llama, Qwen3, the trust_remote_code bundle), the tokenizer encodes as ours, the export
+reads back (load_exported, load_run) and a Llama / Qwen3 checkpoint made by transformers imports
+(load_hf_softmax); fla formats keep fla's names and shapes."""
+import json
+
+import pytest
+import torch
+
+from llm.__main__ import main as llm_main
+from llm.config import build_config, save_config
+from llm.model import build_model
+
+transformers = pytest.importorskip("transformers")
+
+SEQ_LEN = 48
+SHAPES = {  # model type -> our model fields (vocab and sizes added below)
+    "llama": {"mixer": "softmax"},
+    "qwen3": {"mixer": "softmax", "qk_norm": True, "n_kv_heads": 2, "tie_embeddings": False},
+    "llm_gpt": {"layer_pattern": ["momentum", "pdssm"], "mixer_args": {"momentum": {"learn_gamma": True}}},
+}
+
+
+def make_run(root, data_dir, fields, seed=0):
+    """A run directory (config + one checkpoint in the layout llm.checkpoint reads)."""
+    cfg = build_config({"model": {"vocab_size": 512, "d_model": 32, "n_layers": 2, "n_heads": 4, **fields},
+                        "data": {"path": str(data_dir), "seq_len": SEQ_LEN}, "train": {"out_dir": str(root)}})
+    save_config(cfg, root / "config.yaml")
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    for p in model.parameters():  # off their init values (ones, zeros), so every rename is checked
+        p.data.add_(0.1 * torch.randn_like(p))
+    tag = root / "checkpoints" / "step_00000001"
+    tag.mkdir(parents=True)
+    torch.save({"module": model.state_dict()}, tag / "mp_rank_00_model_states.pt")
+    (tag / "complete.json").write_text(json.dumps({"step": 1}))
+    (root / "checkpoints" / "latest").write_text("step_00000001")
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def exported(request, tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp(f"run_{request.param}")
+    model = make_run(root, data_dir, SHAPES[request.param])
+    out = root / "hf"
+    llm_main(["export", str(root), "--out", str(out), "--format", "hf"])
+    return request.param, model, out, root
+
+
+def test_transformers_loads_the_export_with_our_logits(exported):
+    from transformers import AutoModelForCausalLM
+
+    fmt, model, out, _ = exported
+    assert json.loads((out / "config.json").read_text())["model_type"] == fmt
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=fmt == "llm_gpt").eval()
+    assert type(hf).__name__ == {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                                 "llm_gpt": "LLMForCausalLM"}[fmt]
+    x = torch.randint(0, 512, (2, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (hf(x).logits - model(x)).abs().max().item()
+    print(f"{fmt}: max |logit diff| through transformers {diff:.2e}")
+    assert diff < 1e-5
+
+
+def test_tokenizer_encodes_as_ours_after_eos(exported, data_dir):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from llm.data import load_tokenizer
+
+    fmt, _, out, _ = exported
+    ours = load_tokenizer(data_dir)
+    theirs = AutoTokenizer.from_pretrained(out, trust_remote_code=fmt == "llm_gpt")
+    text = "def f(x):\n    return x  +  12345 <sep> héllo\n\n  end"
+    assert theirs(text, add_special_tokens=False).input_ids == ours.encode(text)
+    # training joins documents with EOS and never shows BOS: </s> is what precedes a document
+    assert theirs(text).input_ids == [ours.eos_id] + ours.encode(text)
+    assert theirs.bos_token_id == theirs.eos_token_id == ours.eos_id
+    assert theirs.decode(ours.encode(text)) == text
+    assert GenerationConfig.from_pretrained(out).eos_token_id == ours.eos_id
+
+
+def test_export_reads_back_exactly(exported, data_dir):
+    from llm.eval import load_run
+    from llm.export import load_exported
+
+    _, model, out, _ = exported
+    x = torch.randint(0, 512, (1, SEQ_LEN))
+    with torch.no_grad():
+        assert torch.equal(load_exported(out)(x), model(x))
+    back, cfg, tok, tag = load_run(str(out))  # what `llm eval` / `llm generate` open
+    assert (cfg.data.seq_len, cfg.data.path, tag, tok.vocab_size) == (SEQ_LEN, str(data_dir), "step_00000001", 512)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+
+
+@pytest.mark.parametrize("fmt", ["llama", "qwen3"])
+def test_a_transformers_checkpoint_imports_for_training(fmt, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llm.export import load_hf_softmax
+    from llm.hf import softmax_fields
+
+    extra = {"qwen3": {"num_key_value_heads": 2, "tie_word_embeddings": False}}.get(fmt, {"tie_word_embeddings": True})
+    config = AutoConfig.for_model(fmt, vocab_size=300, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, head_dim=8, rms_norm_eps=1e-5,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 5e5}, **extra)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config).eval()
+    for p in hf.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    fields = softmax_fields(json.loads((tmp_path / "config.json").read_text()))
+    assert (fields["qk_norm"], fields["n_kv_heads"], fields["rope_theta"]) == (fmt == "qwen3", extra.get("num_key_value_heads"), 5e5)
+    model = build_model(fields)
+    model.load_state_dict(load_hf_softmax(str(tmp_path)))  # strict: every tensor has its place
+    x = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max().item() < 1e-5
+
+
+def test_unsupported_llama_variants_are_refused_by_name():
+    from llm.hf import softmax_fields
+
+    base = {"model_type": "llama", "vocab_size": 10, "hidden_size": 32, "num_attention_heads": 4,
+            "num_hidden_layers": 1, "intermediate_size": 64, "rms_norm_eps": 1e-6}
+    with pytest.raises(ValueError, match="attention_bias"):
+        softmax_fields({**base, "attention_bias": True})
+    with pytest.raises(ValueError, match="rope_type"):
+        softmax_fields({**base, "rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}})
+    with pytest.raises(ValueError, match="only llama and qwen3"):
+        softmax_fields({**base, "model_type": "mistral"})
+
+
+FLA = {  # model type -> (our fields, fla's config and model class names)
+    "delta_net": ({"mixer": "deltanet", "mixer_args": {"deltanet": {"use_gate": True}}}, "DeltaNetForCausalLM"),
+    "gated_deltanet": ({"mixer": "gated_deltanet", "mixer_args": {"gated_deltanet": {"expand_v": 2.0}}},
+                       "GatedDeltaNetForCausalLM"),
+    "mesa_net": ({"mixer": "mesa"}, "MesaNetForCausalLM"),
+}
+
+
+@pytest.mark.parametrize("fmt", list(FLA))
+def test_fla_formats_load_every_tensor_into_fla_models(fmt, tmp_path, data_dir):
+    """fla's model classes build on CPU (only their forward needs Triton): the export fills every
+    parameter of them with our tensors, under fla's names and shapes."""
+    pytest.importorskip("fla.models")
+    from transformers import AutoModelForCausalLM
+
+    fields, arch = FLA[fmt]
+    model = make_run(tmp_path, data_dir, fields)
+    llm_main(["export", str(tmp_path), "--out", str(tmp_path / "hf"), "--format", "hf"])
+    import fla.models  # noqa: F401  (registers fla's model types with transformers)
+
+    fla_model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert type(fla_model).__name__ == arch
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    from llm.hf import to_hf_state
+    ours = to_hf_state(model.state_dict(), fmt)
+    theirs = fla_model.state_dict()
+    assert set(ours) <= set(theirs)
+    for name, tensor in ours.items():
+        assert torch.equal(theirs[name], tensor), name
+
+
+def test_format_follows_the_mixers():
+    from llm.config import model_config
+    from llm.hf import hf_format
+
+    def fmt(**fields):
+        return hf_format(model_config({"n_layers": 4, **fields}))
+
+    assert fmt(mixer="softmax") == "llama" and fmt(mixer="softmax", qk_norm=True) == "qwen3"
+    assert fmt(mixer="deltanet") == "delta_net" and fmt(mixer="mesa") == "mesa_net"
+    assert fmt(layer_pattern=["gated_deltanet", "softmax"]) == "gated_deltanet"
+    assert fmt(layer_pattern=["gated_deltanet", "softmax"], qk_norm=True) == "llm_gpt"  # fla's attention: no QK-norm
+    assert fmt(layer_pattern=["deltanet", "mesa"]) == "llm_gpt"
+    assert fmt(mixer="momentum") == "llm_gpt" and fmt(mixer="pdssm") == "llm_gpt"
