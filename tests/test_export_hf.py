@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from fake_run import TAG, make_run
 from llm.__main__ import main as llm_main
-from llm.config import build_config, save_config
 from llm.model import build_model
 
 transformers = pytest.importorskip("transformers")
@@ -21,27 +21,10 @@ SHAPES = {  # model type -> our model fields (vocab and sizes added below)
 }
 
 
-def make_run(root, data_dir, fields, seed=0):
-    """A run directory (config + one checkpoint in the layout llm.checkpoint reads)."""
-    cfg = build_config({"model": {"vocab_size": 512, "d_model": 32, "n_layers": 2, "n_heads": 4, **fields},
-                        "data": {"path": str(data_dir), "seq_len": SEQ_LEN}, "train": {"out_dir": str(root)}})
-    save_config(cfg, root / "config.yaml")
-    torch.manual_seed(seed)
-    model = build_model(cfg.model)
-    for p in model.parameters():  # off their init values (ones, zeros), so every rename is checked
-        p.data.add_(0.1 * torch.randn_like(p))
-    tag = root / "checkpoints" / "step_00000001"
-    tag.mkdir(parents=True)
-    torch.save({"module": model.state_dict()}, tag / "mp_rank_00_model_states.pt")
-    (tag / "complete.json").write_text(json.dumps({"step": 1}))
-    (root / "checkpoints" / "latest").write_text("step_00000001")
-    return model.eval()
-
-
 @pytest.fixture(scope="module", params=list(SHAPES))
 def exported(request, tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp(f"run_{request.param}")
-    model = make_run(root, data_dir, SHAPES[request.param])
+    model = make_run(root, data_dir, SHAPES[request.param], SEQ_LEN)
     out = root / "hf"
     llm_main(["export", str(root), "--out", str(out), "--format", "hf"])
     return request.param, model, out, root
@@ -88,7 +71,7 @@ def test_export_reads_back_exactly(exported, data_dir):
     with torch.no_grad():
         assert torch.equal(load_exported(out)(x), model(x))
     back, cfg, tok, tag = load_run(str(out))  # what `llm eval` / `llm generate` open
-    assert (cfg.data.seq_len, cfg.data.path, tag, tok.vocab_size) == (SEQ_LEN, str(data_dir), "step_00000001", 512)
+    assert (cfg.data.seq_len, cfg.data.path, tag, tok.vocab_size) == (SEQ_LEN, str(data_dir), TAG, 512)
     with torch.no_grad():
         assert torch.equal(back(x), model(x))
 
@@ -147,7 +130,7 @@ def test_fla_formats_load_every_tensor_into_fla_models(fmt, tmp_path, data_dir):
     from transformers import AutoModelForCausalLM
 
     fields, arch = FLA[fmt]
-    model = make_run(tmp_path, data_dir, fields)
+    model = make_run(tmp_path, data_dir, fields, SEQ_LEN)
     llm_main(["export", str(tmp_path), "--out", str(tmp_path / "hf"), "--format", "hf"])
     import fla.models  # noqa: F401  (registers fla's model types with transformers)
 
