@@ -37,12 +37,13 @@ def export(run_dir: str, out_dir: str, tag: str = None, fmt: str = "native") -> 
     tokenizer = load_tokenizer(cfg.data.path)  # fail before writing anything
     record = {"run_dir": os.path.abspath(run_dir), "tag": tag or find_latest(os.path.join(run_dir, "checkpoints")),
               "data_path": cfg.data.path, "seq_len": cfg.data.seq_len}
+    fields = OmegaConf.to_container(cfg.model, resolve=True)
     os.makedirs(out_dir, exist_ok=True)
     if fmt == "hf":
-        return hf.export_hf(model, cfg.model, out_dir, tokenizer, cfg.data.seq_len, record)
+        return hf.export_hf(model, fields, out_dir, tokenizer, cfg.data.seq_len, record)
     # save_model, unlike save_file, stores tensors the model shares (a tied head) once.
     save_model(model, os.path.join(out_dir, WEIGHTS))
-    write_json(os.path.join(out_dir, CONFIG), {**OmegaConf.to_container(cfg.model, resolve=True), hf.RECORD: record})
+    write_json(os.path.join(out_dir, CONFIG), {**fields, hf.RECORD: record})
     shutil.copyfile(tokenizer.path, os.path.join(out_dir, TOKENIZER))
     return "native"
 

@@ -146,15 +146,11 @@ def test_fla_formats_load_every_tensor_into_fla_models(fmt, tmp_path, data_dir):
 
 
 def test_format_follows_the_mixers():
-    from llm.config import model_config
     from llm.hf import hf_format
 
-    def fmt(**fields):
-        return hf_format(model_config({"n_layers": 4, **fields}))
-
-    assert fmt(mixer="softmax") == "llama" and fmt(mixer="softmax", qk_norm=True) == "qwen3"
-    assert fmt(mixer="deltanet") == "delta_net" and fmt(mixer="mesa") == "mesa_net"
-    assert fmt(layer_pattern=["gated_deltanet", "softmax"]) == "gated_deltanet"
-    assert fmt(layer_pattern=["gated_deltanet", "softmax"], qk_norm=True) == "llm_gpt"  # fla's attention: no QK-norm
-    assert fmt(layer_pattern=["deltanet", "mesa"]) == "llm_gpt"
-    assert fmt(mixer="momentum") == "llm_gpt" and fmt(mixer="pdssm") == "llm_gpt"
+    assert hf_format(["softmax"] * 2, qk_norm=False) == "llama" and hf_format(["softmax"], qk_norm=True) == "qwen3"
+    assert hf_format(["deltanet"], False) == "delta_net" and hf_format(["mesa"], False) == "mesa_net"
+    assert hf_format(["gated_deltanet", "softmax"], False) == "gated_deltanet"
+    assert hf_format(["gated_deltanet", "softmax"], True) == "llm_gpt"  # fla's attention has no QK-norm
+    assert hf_format(["deltanet", "mesa"], False) == "llm_gpt"
+    assert hf_format(["momentum"], False) == "llm_gpt" and hf_format(["pdssm", "softmax"], False) == "llm_gpt"

@@ -28,7 +28,6 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm.model.gpt import layer_mixers, mlp_hidden
 
 RECORD = "llm_export"  # config.json key holding our model fields, seq_len and provenance
 LINEAR_FORMATS = {"deltanet": "delta_net", "gated_deltanet": "gated_deltanet", "mesa": "mesa_net"}
@@ -36,14 +35,18 @@ REMOTE = "llm_gpt"
 MODELING_FILE = os.path.join(os.path.dirname(__file__), "modeling_llm.py")
 
 
-def hf_format(m) -> str:
-    """The model_type an export of model config `m` gets."""
-    mixers = set(layer_mixers(m))
-    if mixers == {"softmax"}:
-        return "qwen3" if m.qk_norm else "llama"
-    linear = mixers - {"softmax"}
+def mixers_of(model) -> list[str]:
+    return [block.mixer.name for block in model.blocks]
+
+
+def hf_format(mixers: list[str], qk_norm: bool) -> str:
+    """The model_type an export gets, from its layers' mixer names."""
+    names = set(mixers)
+    if names == {"softmax"}:
+        return "qwen3" if qk_norm else "llama"
+    linear = names - {"softmax"}
     # fla's attention layers have no QK-norm option
-    if len(linear) == 1 and next(iter(linear)) in LINEAR_FORMATS and not ("softmax" in mixers and m.qk_norm):
+    if len(linear) == 1 and next(iter(linear)) in LINEAR_FORMATS and not ("softmax" in names and qk_norm):
         return LINEAR_FORMATS[next(iter(linear))]
     return REMOTE
 
@@ -106,43 +109,40 @@ def from_hf_state(hf_state: dict, fmt: str, model) -> dict:
     return state
 
 
-def _attention_spec(m) -> dict:
+def _attention_spec(model, m: dict) -> dict:
     """fla's `attn` entry for the softmax layers of a hybrid."""
-    layers = [i for i, name in enumerate(layer_mixers(m)) if name == "softmax"]
-    return {"layers": layers, "num_heads": m.n_heads, "num_kv_heads": m.n_kv_heads or m.n_heads,
-            "qkv_bias": False, "window_size": None, "rope_theta": m.rope_theta} if layers else None
+    layers = [i for i, name in enumerate(mixers_of(model)) if name == "softmax"]
+    return {"layers": layers, "num_heads": m["n_heads"], "num_kv_heads": m["n_kv_heads"] or m["n_heads"],
+            "qkv_bias": False, "window_size": None, "rope_theta": m["rope_theta"]} if layers else None
 
 
-def _linear_fields(m, fmt: str) -> dict:
-    """fla's config fields of the linear mixer."""
-    from llm.config import mixer_args
-
-    name = next(k for k, v in LINEAR_FORMATS.items() if v == fmt)
-    a = mixer_args(m, name)
+def _linear_fields(model, m: dict, fmt: str) -> dict:
+    """fla's config fields of the linear mixer (its options as the model's layers hold them)."""
+    a = next(b.mixer.args for b in model.blocks if LINEAR_FORMATS.get(b.mixer.name) == fmt)
+    head_k = a.head_dim or m["d_model"] // m["n_heads"]
     if fmt == "mesa_net":
-        return {"num_heads": m.n_heads, "head_dim": a.head_dim or m.d_model // m.n_heads, "conv_size": a.conv_size,
+        return {"num_heads": m["n_heads"], "head_dim": head_k, "conv_size": a.conv_size,
                 "lambda_lower_bound": a.lamb_lower_bound, "use_output_gate": a.use_gate,
                 "max_cg_step_training": a.cg_steps, "max_cg_step_decoding": a.cg_steps}
-    head_k = a.head_dim or m.d_model // m.n_heads
-    fields = {"num_heads": m.n_heads, "expand_v": a.expand_v, "conv_size": a.conv_size, "use_gate": a.use_gate,
+    fields = {"num_heads": m["n_heads"], "expand_v": a.expand_v, "conv_size": a.conv_size, "use_gate": a.use_gate,
               "allow_neg_eigval": a.allow_neg_eigval, "use_short_conv": True}
     if fmt == "delta_net":
-        return {**fields, "expand_k": m.n_heads * head_k / m.d_model, "use_beta": True, "use_output_norm": True,
+        return {**fields, "expand_k": m["n_heads"] * head_k / m["d_model"], "use_beta": True, "use_output_norm": True,
                 "qk_norm": "l2", "qk_activation": "silu"}
     return {**fields, "head_dim": head_k, "num_v_heads": None}
 
 
-def hf_config(m, fmt: str, seq_len: int, eos_id: int) -> dict:
-    """The HF config.json of model config `m` (without our record)."""
-    base = {"model_type": fmt, "vocab_size": m.vocab_size, "hidden_size": m.d_model, "num_hidden_layers": m.n_layers,
-            "intermediate_size": mlp_hidden(m), "max_position_embeddings": seq_len,
-            "tie_word_embeddings": m.tie_embeddings, "bos_token_id": eos_id, "eos_token_id": eos_id,
+def hf_config(model, m: dict, fmt: str, seq_len: int, eos_id: int) -> dict:
+    """The HF config.json (without our record) of `model`, whose model fields are `m`."""
+    base = {"model_type": fmt, "vocab_size": m["vocab_size"], "hidden_size": m["d_model"],
+            "num_hidden_layers": m["n_layers"], "intermediate_size": model.blocks[0].mlp.down.in_features,
+            "max_position_embeddings": seq_len, "tie_word_embeddings": m["tie_embeddings"], "bos_token_id": eos_id, "eos_token_id": eos_id,
             "pad_token_id": None, "torch_dtype": "float32"}
     if fmt in ("llama", "qwen3"):
         return {**base, "architectures": ["LlamaForCausalLM" if fmt == "llama" else "Qwen3ForCausalLM"],
-                "hidden_act": "silu", "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads or m.n_heads,
-                "head_dim": m.d_model // m.n_heads, "rms_norm_eps": m.norm_eps,
-                "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+                "hidden_act": "silu", "num_attention_heads": m["n_heads"],
+                "num_key_value_heads": m["n_kv_heads"] or m["n_heads"], "head_dim": m["d_model"] // m["n_heads"],
+                "rms_norm_eps": m["norm_eps"], "rope_parameters": {"rope_type": "default", "rope_theta": m["rope_theta"]},
                 "attention_bias": False, "mlp_bias": False}
     if fmt == REMOTE:
         return {**base, "architectures": ["LLMForCausalLM"], "use_cache": False,
@@ -150,8 +150,8 @@ def hf_config(m, fmt: str, seq_len: int, eos_id: int) -> dict:
                              "AutoModelForCausalLM": "modeling_llm.LLMForCausalLM"}}
     arch = {"delta_net": "DeltaNetForCausalLM", "gated_deltanet": "GatedDeltaNetForCausalLM",
             "mesa_net": "MesaNetForCausalLM"}[fmt]
-    return {**base, "architectures": [arch], "hidden_act": "swish", "norm_eps": m.norm_eps, "attn": _attention_spec(m),
-            "fuse_cross_entropy": False, **_linear_fields(m, fmt)}
+    return {**base, "architectures": [arch], "hidden_act": "swish", "norm_eps": m["norm_eps"],
+            "attn": _attention_spec(model, m), "fuse_cross_entropy": False, **_linear_fields(model, m, fmt)}
 
 
 def softmax_fields(hf_cfg: dict) -> dict:
@@ -194,15 +194,13 @@ def tokenizer_files(out_dir: str, tokenizer_model: str, seq_len: int, eos_id: in
                {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id})
 
 
-def export_hf(model, m, out_dir: str, tokenizer, seq_len: int, record: dict) -> str:
-    """Write `model` (config `m`) as an HF checkpoint in out_dir; returns its model_type."""
-    from omegaconf import OmegaConf
-
+def export_hf(model, fields: dict, out_dir: str, tokenizer, seq_len: int, record: dict) -> str:
+    """Write `model` (built from the model fields `fields`, every key given) as an HF checkpoint in
+    out_dir; returns its model_type."""
     from llm.files import atomic_path, write_json
 
-    fmt = hf_format(m)
-    fields = OmegaConf.to_container(m, resolve=True)
-    config = {**hf_config(m, fmt, seq_len, tokenizer.eos_id), RECORD: {**record, "model": fields}}
+    fmt = hf_format(mixers_of(model), fields["qk_norm"])
+    config = {**hf_config(model, fields, fmt, seq_len, tokenizer.eos_id), RECORD: {**record, "model": fields}}
     write_json(os.path.join(out_dir, "config.json"), config)
     state = {k: v.contiguous() for k, v in to_hf_state(model.state_dict(), fmt).items()}
     with atomic_path(os.path.join(out_dir, "model.safetensors")) as tmp:
