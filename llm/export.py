@@ -19,7 +19,7 @@ import shutil
 from omegaconf import OmegaConf
 from safetensors.torch import load_model as load_weights, save_model
 
-from llm import hf
+from llm import HelpFormatter, hf
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
 FORMATS = ("native", "hf")
@@ -88,7 +88,7 @@ def load_hf_softmax(path: str) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m llm export", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("run_dir", help="run directory (train.out_dir)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")

@@ -142,7 +142,8 @@ def hf_config(model, m: dict, fmt: str, seq_len: int, eos_id: int) -> dict:
         return {**base, "architectures": ["LlamaForCausalLM" if fmt == "llama" else "Qwen3ForCausalLM"],
                 "hidden_act": "silu", "num_attention_heads": m["n_heads"],
                 "num_key_value_heads": m["n_kv_heads"] or m["n_heads"], "head_dim": m["d_model"] // m["n_heads"],
-                "rms_norm_eps": m["norm_eps"], "rope_parameters": {"rope_type": "default", "rope_theta": m["rope_theta"]},
+                "rms_norm_eps": m["norm_eps"], "rope_theta": m["rope_theta"],  # transformers 4's key; 5 reads both
+                "rope_parameters": {"rope_type": "default", "rope_theta": m["rope_theta"]},
                 "attention_bias": False, "mlp_bias": False}
     if fmt == REMOTE:
         return {**base, "architectures": ["LLMForCausalLM"], "use_cache": False,
