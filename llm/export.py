@@ -75,15 +75,36 @@ def load_exported(out_dir: str):
     return load_exported_with_record(out_dir)[0]
 
 
-def load_hf_softmax(path: str) -> dict:
-    """A state dict for `build_model(fields)` from a Llama / Qwen3 checkpoint directory (ours or
-    one made elsewhere); `llm.hf.softmax_fields` gives the fields its config.json implies, which a
-    trainer starting from it must match."""
+def load_hf_softmax(path: str, model_cfg=None) -> dict:
+    """A state dict for `build_model` from a Llama / Qwen3 checkpoint directory (ours or one made
+    elsewhere; `llm.hf.softmax_fields` gives the model fields its config.json implies). With
+    `model_cfg` (the model a trainer builds), first check that the checkpoint fits it: every
+    tensor's shape, and the RoPE base and norm eps, which no shape shows."""
+    import torch
+
+    from llm.model import build_model
+
     with open(os.path.join(path, CONFIG)) as f:
         model_type = json.load(f).get("model_type")
     if model_type not in ("llama", "qwen3"):
         raise ValueError(f"{path}: model_type {model_type!r}, expected a llama or qwen3 checkpoint")
-    return hf.read_hf(path)[1]
+    fields, state, _ = hf.read_hf(path)
+    if model_cfg is None:
+        return state
+    with torch.device("meta"):
+        ours = build_model(model_cfg)
+    problems = [f"model.{k}: {fields[k]} in the checkpoint, {model_cfg[k]} in the config"
+                for k in ("rope_theta", "norm_eps") if float(fields[k]) != float(model_cfg[k])]
+    if set(hf.mixers_of(ours)) != {"softmax"}:
+        problems.append(f"model layers: the config's are {hf.mixers_of(ours)}, the checkpoint's all softmax")
+    shapes = {name: list(t.shape) for name, t in ours.state_dict().items()}
+    for name in sorted(shapes.keys() | state.keys()):
+        theirs = list(state[name].shape) if name in state else None
+        if theirs != shapes.get(name):
+            problems.append(f"{name}: {theirs or 'absent'} in the checkpoint, {shapes.get(name) or 'absent'} in the config")
+    if problems:
+        raise ValueError(f"{path} does not fit the model config: " + "; ".join(problems[:6]))
+    return state
 
 
 def main(argv=None):

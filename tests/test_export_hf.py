@@ -154,3 +154,24 @@ def test_format_follows_the_mixers():
     assert hf_format(["gated_deltanet", "softmax"], True) == "llm_gpt"  # fla's attention has no QK-norm
     assert hf_format(["deltanet", "mesa"], False) == "llm_gpt"
     assert hf_format(["momentum"], False) == "llm_gpt" and hf_format(["pdssm", "softmax"], False) == "llm_gpt"
+
+
+def test_hf_softmax_checkpoint_is_checked_against_the_model_config(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llm.config import model_config
+    from llm.export import load_hf_softmax
+
+    config = AutoConfig.for_model("llama", vocab_size=300, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    fits = {"vocab_size": 300, "d_model": 32, "n_layers": 2, "n_heads": 4, "mlp_hidden": 96}
+    state = load_hf_softmax(str(tmp_path), model_config(fits))
+    build_model(fits).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.gate_up\.weight: \[192, 32\] in the checkpoint, "
+                                         r"\[128, 32\] in the config"):
+        load_hf_softmax(str(tmp_path), model_config({**fits, "mlp_hidden": 64}))
+    with pytest.raises(ValueError, match=r"model\.rope_theta: 10000\.0 in the checkpoint, 500000\.0 in the config"):
+        load_hf_softmax(str(tmp_path), model_config({**fits, "rope_theta": 5e5}))
+    with pytest.raises(ValueError, match="model layers: the config's are"):
+        load_hf_softmax(str(tmp_path), model_config({**fits, "layer_pattern": ["softmax", "gated_deltanet"]}))
