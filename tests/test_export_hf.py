@@ -54,9 +54,8 @@ def test_tokenizer_encodes_as_ours_after_eos(exported, data_dir):
     ours = load_tokenizer(data_dir)
     theirs = AutoTokenizer.from_pretrained(out, trust_remote_code=fmt == "llm_gpt")
     text = "def f(x):\n    return x  +  12345 <sep> héllo\n\n  end"
-    assert theirs(text, add_special_tokens=False).input_ids == ours.encode(text)
+    assert theirs(text).input_ids == theirs(text, add_special_tokens=False).input_ids == ours.encode(text)
     # training joins documents with EOS and never shows BOS: </s> is what precedes a document
-    assert theirs(text).input_ids == [ours.eos_id] + ours.encode(text)
     assert theirs.bos_token_id == theirs.eos_token_id == ours.eos_id
     assert theirs.decode(ours.encode(text)) == text
     assert GenerationConfig.from_pretrained(out).eos_token_id == ours.eos_id
@@ -175,3 +174,22 @@ def test_hf_softmax_checkpoint_is_checked_against_the_model_config(tmp_path):
         load_hf_softmax(str(tmp_path), model_config({**fits, "rope_theta": 5e5}))
     with pytest.raises(ValueError, match="model layers: the config's are"):
         load_hf_softmax(str(tmp_path), model_config({**fits, "layer_pattern": ["softmax", "gated_deltanet"]}))
+
+
+def test_lm_eval_hf_model_scores_the_export_as_our_adapter(tmp_path, data_dir):
+    """Stock scoring (lm-eval's `hf` model, default arguments) of a Llama export equals our
+    adapter's on the run, empty contexts included: both put EOS (the export's BOS) before them."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from llm.eval.harness import LLMAdapter
+
+    make_run(tmp_path, data_dir, SHAPES["llama"], SEQ_LEN)
+    llm_main(["export", str(tmp_path), "--out", str(tmp_path / "hf"), "--format", "hf"])
+    # (lm-eval moves a context's trailing whitespace into the continuation; our adapter does not)
+    pairs = [("", "The value of the object"), ("The object", " is a class"), ("x = 1", " and y = 2")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    stock = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", batch_size=2).loglikelihood(requests)
+    ours = LLMAdapter(run_dir=str(tmp_path), device="cpu").loglikelihood(requests)
+    for (lp, greedy), (want_lp, want_greedy) in zip(stock, ours):
+        assert lp == pytest.approx(want_lp, abs=1e-4) and greedy == want_greedy

@@ -17,8 +17,8 @@ files `AutoTokenizer` reads and generation_config.json. `read_hf` reads any of t
 Llama / Qwen3 checkpoint made elsewhere it derives the model fields from the HF config.
 
 Special tokens: training joins documents with EOS (</s>, id 2) and never shows BOS (<s>, 1), so
-the exported tokenizer and configs name </s> as BOS too: the tokenizer prepends it, and
-lm-eval's `hf` model uses it as the prefix of an empty context, as our adapter does.
+the exported tokenizer and configs name </s> as BOS too, and the tokenizer adds nothing: lm-eval's
+`hf` model then scores as our adapter does (an empty context after </s>, others as they are).
 """
 import json
 import os
@@ -187,7 +187,7 @@ def tokenizer_files(out_dir: str, tokenizer_model: str, seq_len: int, eos_id: in
     shutil.copyfile(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
     special = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "<unk>"}
     write_json(os.path.join(out_dir, "tokenizer_config.json"),
-               {"tokenizer_class": "LlamaTokenizer", **special, "pad_token": None, "add_bos_token": True,
+               {"tokenizer_class": "LlamaTokenizer", **special, "pad_token": None, "add_bos_token": False,
                 "add_eos_token": False, "legacy": False, "add_prefix_space": True,
                 "clean_up_tokenization_spaces": False, "model_max_length": seq_len})
     write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
