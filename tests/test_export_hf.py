@@ -193,3 +193,20 @@ def test_lm_eval_hf_model_scores_the_export_as_our_adapter(tmp_path, data_dir):
     ours = LLMAdapter(run_dir=str(tmp_path), device="cpu").loglikelihood(requests)
     for (lp, greedy), (want_lp, want_greedy) in zip(stock, ours):
         assert lp == pytest.approx(want_lp, abs=1e-4) and greedy == want_greedy
+
+
+def test_fla_hybrid_names_its_attention_layers(tmp_path, data_dir):
+    """A Gated DeltaNet + softmax hybrid: fla's config takes the export's `attn` entry (fla's
+    attention layers need flash-attn, so the model itself is built only on a GPU)."""
+    pytest.importorskip("fla.models")
+    from fla.models import GatedDeltaNetConfig
+    from safetensors.torch import load_file
+
+    make_run(tmp_path, data_dir, {"layer_pattern": ["gated_deltanet", "softmax"], "n_layers": 4, "n_kv_heads": 2},
+             SEQ_LEN)
+    llm_main(["export", str(tmp_path), "--out", str(tmp_path / "hf"), "--format", "hf"])
+    config = GatedDeltaNetConfig.from_pretrained(tmp_path / "hf")
+    assert config.attn["layers"] == [1, 3] and config.attn["num_kv_heads"] == 2 and config.attn["num_heads"] == 4
+    names = load_file(tmp_path / "hf" / "model.safetensors")
+    assert names["model.layers.1.attn.k_proj.weight"].shape == (16, 32)  # 2 kv heads of 8
+    assert "model.layers.0.attn.A_log" in names and "model.layers.1.attn.A_log" not in names
