@@ -72,7 +72,6 @@ class LLMAdapter(LM):
         self.max_length = int(max_length)
         self.batch_size = self.auto_batch_size(int(max_batch_size or AUTO_MAX_BATCH)) if auto else int(batch_size)
         self.truncated = 0  # requests cut from the left to max_length, for the warning
-
         # Documents are joined by EOS in the training shards, so EOS is what precedes a document.
         self.prefix_id = tokenizer.eos_id
 
