@@ -1,16 +1,33 @@
-"""`python -m llm <command>`: train, generate, eval, bench, export, convert, plot, probe."""
+"""`python -m llm <command>` (installed as `mixer-gpt <command>`): train, eval, generate, export,
+bench, convert, plot, probe. `--help` lists them; `<command> --help` gives a command's flags.
+
+A config error (an unknown key, a bad value; llm.config.ConfigError) ends any command with its
+message alone and exit status 2, as argparse does for a bad flag.
+"""
 import argparse
 import sys
 
+from llm import HelpFormatter
+
 
 def _train(argv):
-    p = argparse.ArgumentParser(prog="python -m llm train", description="Train a model from a YAML config.")
+    p = argparse.ArgumentParser(prog="python -m llm train", description="Train a model from a YAML config.",
+                                formatter_class=HelpFormatter)
     p.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. optim.lr=3e-4 train.resume=auto")
-    a = p.parse_args(argv)
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved, validated config as YAML and exit without training")
+    a = p.parse_intermixed_args(argv)  # --print-config may come after the overrides
+    from omegaconf import OmegaConf
+
     from llm.config import load_config
+
+    cfg = load_config(a.config, a.overrides)
+    if a.print_config:
+        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        return
     from llm.train import train
-    train(load_config(a.config, a.overrides))
+    train(cfg)
 
 
 def _lazy(module: str):
@@ -21,24 +38,44 @@ def _lazy(module: str):
     return run
 
 
-COMMANDS = {
-    "train": _train,
-    "generate": _lazy("llm.generate"),
-    "bench": _lazy("llm.bench"),
-    "eval": _lazy("llm.eval.cli"),
-    "export": _lazy("llm.export"),
-    "convert": _lazy("llm.checkpoint"),
-    "plot": _lazy("llm.eval.plot"),
-    "probe": _lazy("llm.eval.probes"),
+COMMANDS = {  # name -> (runner, one line of help)
+    "train": (_train, "train a model from a YAML config (also under torchrun / sbatch)"),
+    "eval": (_lazy("llm.eval.cli"), "perplexity, lm-eval tasks, induction heads, ICL probes of a run or export"),
+    "generate": (_lazy("llm.generate"), "sample a continuation of a prompt from a run or export"),
+    "export": (_lazy("llm.export"), "write a checkpoint as a model directory (ours, or Hugging Face's formats)"),
+    "bench": (_lazy("llm.bench"), "training throughput of a config on this device"),
+    "convert": (_lazy("llm.checkpoint"), "write a checkpoint's universal copy (to resume on another world size)"),
+    "plot": (_lazy("llm.eval.plot"), "loss curves, induction heatmaps and telemetry of runs as PNGs"),
+    "probe": (_lazy("llm.eval.probes"), "synthetic state-tracking and associative-recall probes"),
 }
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name.ljust(width)}  {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join([
+        "usage: python -m llm <command> [arguments]   (installed: mixer-gpt <command> [arguments])", "",
+        "GPT pretraining with swappable token mixers (softmax, momentum, DeltaNet, Gated DeltaNet, Mesa, PD-SSM).",
+        "", "commands:", *lines, "",
+        "`python -m llm <command> --help` lists a command's arguments; data preparation is `python -m data_prep`."])
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage())
+        return
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m llm {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        problem = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"{usage()}\n\nerror: {problem}", file=sys.stderr)
         sys.exit(2)
-    COMMANDS[argv[0]](argv[1:])
+    from llm.config import ConfigError
+
+    try:
+        COMMANDS[argv[0]][0](argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from typing import Callable
 
 import torch
 
+from llm import HelpFormatter
+
 
 def next_tokens(logits, temperature: float, top_k: int | None, generator: torch.Generator) -> list[int]:
     """One token per row of logits [B, V]: the argmax at temperature 0 or top-k 1, otherwise a draw
@@ -55,13 +57,14 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m llm generate", description="Sample from a run's last checkpoint.")
-    p.add_argument("run_dir")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(prog="python -m llm generate", formatter_class=HelpFormatter,
+                                description="Sample a continuation from a run's newest checkpoint or an export directory.")
+    p.add_argument("run_dir", help="run directory (train.out_dir) or export directory (python -m llm export)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate at most (EOS ends earlier)")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0: greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same text on any device)")
     p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
     a = p.parse_args(argv)
     from llm.eval import decode_continuation, load_run

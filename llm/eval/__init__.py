@@ -15,11 +15,22 @@ from llm.files import write_json
 
 
 def load_run(run_dir: str, tag: str | None = None, device="cpu"):
-    """(model in eval mode on `device`, resolved config, tokenizer of its data, checkpoint tag) of a
-    run directory's given checkpoint, or its newest complete one."""
-    from llm.data import load_tokenizer
+    """(model in eval mode on `device`, resolved config, tokenizer, checkpoint tag) of a run
+    directory's given checkpoint (or its newest complete one), or of an export directory (`python
+    -m llm export`, native or hf; its config has the model, the seq_len it was trained on and, where
+    known, data.path; `tag` must be None)."""
     from llm.checkpoint import find_latest, load_model
+    from llm.config import build_config
+    from llm.data import load_tokenizer
+    from llm.export import is_export, load_exported_with_record
 
+    if is_export(run_dir):
+        if tag is not None:
+            raise ValueError(f"{run_dir}: an export directory holds one checkpoint; --tag does not apply")
+        model, fields, record = load_exported_with_record(run_dir)
+        data = {"path": record.get("data_path") or run_dir, "seq_len": record["seq_len"]}
+        cfg = build_config({"model": fields, "data": data})
+        return model.to(device), cfg, load_tokenizer(run_dir), record.get("tag")
     model, cfg = load_model(run_dir, tag)
     tag = tag or find_latest(os.path.join(run_dir, "checkpoints"))
     return model.to(device), cfg, load_tokenizer(cfg.data.path), tag

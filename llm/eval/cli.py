@@ -8,26 +8,29 @@ import os
 
 import torch
 
+from llm import HelpFormatter
 from llm.eval import format_table, load_run, save_result, token_losses
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="python -m llm eval", description="Evaluate a trained run.")
-    p.add_argument("run_dir")
+    p = argparse.ArgumentParser(prog="python -m llm eval", formatter_class=HelpFormatter,
+                                description="Evaluate a trained run or an export directory.")
+    p.add_argument("run_dir", help="run directory (train.out_dir) or export directory (python -m llm export); "
+                                   "results go to its eval/")
     p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
     p.add_argument("--seq-len", type=int, help="context length (default: the run's data.seq_len)")
     p.add_argument("--windows", type=int, default=0,
-                   help="held-out windows for --ppl and --ablate (default 0: the whole val split)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="held-out windows for --ppl and --ablate; 0: the whole val split")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampled windows, tokens and episodes")
     g = p.add_argument_group("perplexity")
     g.add_argument("--ppl", action="store_true", help="loss, perplexity, bits per byte, loss by position")
     g.add_argument("--shards", nargs="+", default=[], metavar="DIR",
                    help="more tokenized data directories (their val split) besides the run's data.path")
     g = p.add_argument_group("lm-evaluation-harness")
     g.add_argument("--tasks", help="comma-separated lm-eval task names, e.g. lambada_openai,hellaswag")
-    g.add_argument("--num-fewshot", type=int, default=0)
+    g.add_argument("--num-fewshot", type=int, default=0, help="demonstrations before each example")
     g.add_argument("--include-path", help="directory of local task YAMLs (runs offline)")
     g.add_argument("--limit", type=float, help="examples per task (testing only)")
     g = p.add_argument_group("induction telemetry")

@@ -1,10 +1,17 @@
 """lm-evaluation-harness adapter, registered as model type `llm`.
 
-`LLMAdapter(run_dir=...)` loads a run's newest checkpoint and tokenizer; once this module is
-imported, lm-eval also builds it by name (`simple_evaluate(model="llm", model_args="run_dir=...")`).
-`LLMAdapter(model=..., tokenizer=..., max_length=...)` wraps objects in memory. Inputs longer
-than `max_length` (default: the run's data.seq_len, the length it was trained on) are
-left-truncated. Log-likelihoods come from batched, right-padded parallel forwards (every mixer is
+From lm-eval's own CLI (this module registers the model, then runs lm-eval's argument parser):
+
+    python -m llm.eval.harness run --model llm --model_args run_dir=RUN_OR_EXPORT_DIR \
+        --tasks lambada_openai,hellaswag --device cpu --batch_size auto
+
+`LLMAdapter(run_dir=...)` loads a run's newest checkpoint (or an export directory) and tokenizer;
+once this module is imported, lm-eval also builds it by name (`simple_evaluate(model="llm",
+model_args="run_dir=...")`). `LLMAdapter(model=..., tokenizer=..., max_length=...)` wraps objects
+in memory. The CLI's --device and --batch_size (an integer, `auto` or `auto:N`) are accepted;
+model_args win where both give one. Inputs longer than `max_length` (default: the run's
+data.seq_len, the length it was trained on) are truncated from the left, with a warning that
+counts them. Log-likelihoods come from batched, right-padded parallel forwards (every mixer is
 causal, so padding never reaches a scored position); generation is greedy through
 `llm.generate.generate` (the caches of init_cache / forward_step), batching prompts of equal length.
 """
@@ -22,6 +29,22 @@ from llm.generate import generate
 log = logging.getLogger(__name__)
 
 
+DEFAULT_BATCH = 16
+AUTO_MAX_BATCH = 64
+
+
+def pick_device(requested) -> torch.device:
+    """The device asked for, or CPU (with a warning) where it asks for CUDA on a machine without:
+    lm-eval's CLI passes `cuda:0` unless told otherwise."""
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log.warning("llm adapter: device %s requested but CUDA is not available; using cpu", requested)
+        return torch.device("cpu")
+    return device
+
+
 def _batches(items, size):
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -30,7 +53,7 @@ def _batches(items, size):
 @register_model("llm")
 class LLMAdapter(LM):
     def __init__(self, run_dir=None, tag=None, model=None, tokenizer=None, max_length=None,
-                 batch_size=16, device=None):
+                 batch_size=DEFAULT_BATCH, device=None, max_batch_size=None):
         super().__init__()
         if model is None:
             if run_dir is None:
@@ -40,15 +63,53 @@ class LLMAdapter(LM):
             max_length = max_length or cfg.data.seq_len
         if tokenizer is None or max_length is None:
             raise ValueError("llm adapter: a model given directly needs tokenizer= and max_length=")
-        if not str(batch_size).isdigit() or int(batch_size) < 1:
-            raise ValueError(f"llm adapter: batch_size must be a positive integer, got {batch_size!r}")
-        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        auto = str(batch_size).startswith("auto")
+        if not auto and (not str(batch_size).isdigit() or int(batch_size) < 1):
+            raise ValueError(f"llm adapter: batch_size must be a positive integer, auto or auto:N, got {batch_size!r}")
+        self._device = pick_device(device)
         self.model = model.to(self._device).eval()
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
-        self.batch_size = int(batch_size)
+        self.batch_size = self.auto_batch_size(int(max_batch_size or AUTO_MAX_BATCH)) if auto else int(batch_size)
+        self.truncated = 0  # requests cut from the left to max_length, for the warning
         # Documents are joined by EOS in the training shards, so EOS is what precedes a document.
         self.prefix_id = tokenizer.eos_id
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        """lm-eval's CLI passes its --batch_size / --device / --max_batch_size (defaults included)
+        beside model_args; model_args win instead of clashing ("got multiple values")."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**extra, **arg_dict})
+
+    def auto_batch_size(self, largest: int) -> int:
+        """`--batch_size auto`: on CUDA the largest power of two up to `largest` whose full-length
+        forward fits in memory; elsewhere the default (memory is not the limit there)."""
+        if self._device.type != "cuda":
+            log.info("llm adapter: batch_size auto on %s -> %d", self._device, DEFAULT_BATCH)
+            return DEFAULT_BATCH
+        size = 1 << (max(1, largest).bit_length() - 1)
+        while size > 1:
+            try:
+                padded_logits(self.model, [[0] * (self.max_length + 1)] * size).log_softmax(-1)
+                break
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                size //= 2
+        log.info("llm adapter: batch_size auto -> %d", size)
+        return size
+
+    def warn_truncated(self, n_requests: int) -> None:
+        if self.truncated:
+            log.warning("llm adapter: %d of %d requests were longer than max_length=%d and were truncated "
+                        "from the left", self.truncated, n_requests, self.max_length)
+            self.truncated = 0
 
     @property
     def tokenizer_name(self) -> str:
@@ -60,6 +121,7 @@ class LLMAdapter(LM):
         (context ids, continuation ids); longest first, so each batch has little padding."""
         results = [None] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+        self.truncated += sum(len(c) + len(x) > self.max_length + 1 for c, x in pairs)
         for batch in _batches(order, self.batch_size):
             seqs = [(pairs[i][0] + pairs[i][1])[-(self.max_length + 1):] for i in batch]
             logprobs = padded_logits(self.model, seqs).log_softmax(-1).cpu()
@@ -76,6 +138,7 @@ class LLMAdapter(LM):
             ctx, cont = split_encode(self.tokenizer, *req.args)
             pairs.append((ctx or [self.prefix_id], cont))
         results = self.score(pairs)
+        self.warn_truncated(len(requests))
         for req, res in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", req.args, res)
         return results
@@ -105,8 +168,11 @@ class LLMAdapter(LM):
             until = (until,) if isinstance(until, str) else tuple(until)
             max_new = int(kwargs.get("max_gen_toks", 256))
             ids = self.tokenizer.encode(context) or [self.prefix_id]
-            ids = ids[-max(1, self.max_length - max_new):]  # prompt + generation within max_length
+            keep = max(1, self.max_length - max_new)  # prompt + generation within max_length
+            self.truncated += len(ids) > keep
+            ids = ids[-keep:]
             groups[(len(ids), max_new, until)].append((i, ids))
+        self.warn_truncated(len(requests))
         out = [None] * len(requests)
         for (_, max_new, until), members in groups.items():
             for batch in _batches(members, self.batch_size):
@@ -129,3 +195,9 @@ class LLMAdapter(LM):
                        stop=stopped)
         texts = [text(row, n) for row, n in enumerate(new)]
         return [min((t.split(u)[0] for u in until), key=len, default=t) for t in texts]
+
+
+if __name__ == "__main__":
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

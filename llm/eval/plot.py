@@ -17,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 
+from llm import HelpFormatter
+
 
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
@@ -136,8 +138,8 @@ def plot_runs(run_dirs: list[str], out: str) -> list[str]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m llm plot", description=__doc__.split("\n")[0])
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p = argparse.ArgumentParser(prog="python -m llm plot", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (train.out_dir)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/plots for one run, plots/ for several)")
     a = p.parse_args(argv)
     out = a.out or (os.path.join(a.run_dirs[0], "plots") if len(a.run_dirs) == 1 else "plots")

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from llm import HelpFormatter
 from llm.config import OptimConfig
 from llm.engine import PlainEngine, train_step
 from llm.model import build_model
@@ -239,31 +240,35 @@ def _ints(s: str) -> list[int]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="llm probe", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m llm probe", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="probe", required=True)
-    st = sub.add_parser("state-tracking", help="finite-state tasks: train on lengths 3-40, test longer")
+    st = sub.add_parser("state-tracking", help="finite-state tasks: train on lengths 3-40, test longer",
+                        formatter_class=HelpFormatter)
     st.add_argument("--tasks", default="parity,even_pairs,cycle_nav,mod_arith,a5,s5",
                     help=f"comma-separated, from {', '.join(TASKS)}")
     st.add_argument("--models", default="pdssm,pdssm_diag,gated_deltanet,softmax",
                     help="comma-separated, from pdssm, pdssm_discrete, pdssm_diag, softmax, gated_deltanet, "
                          "gated_deltanet_neg")
-    st.add_argument("--test-lengths", type=_ints, default=[40, 64, 128, 256])
-    st.add_argument("--layers", type=int, default=2)
-    st.add_argument("--state-size", type=int, default=16)
-    st.add_argument("--dict-size", type=int, default=8)
-    ind = sub.add_parser("induction", help="one-layer associative recall: momentum vs softmax")
-    ind.add_argument("--gammas", type=_floats, default=[0.25, 0.5, 1.0, 2.0, 4.0])
+    st.add_argument("--test-lengths", type=_ints, default=[40, 64, 128, 256],
+                    help="comma-separated sequence lengths the final-state accuracy is measured at")
+    st.add_argument("--layers", type=int, default=2, help="layers per model")
+    st.add_argument("--state-size", type=int, default=16, help="PD-SSM states per head (N)")
+    st.add_argument("--dict-size", type=int, default=8, help="PD-SSM dictionary matrices per head (M)")
+    ind = sub.add_parser("induction", help="one-layer associative recall: momentum vs softmax",
+                         formatter_class=HelpFormatter)
+    ind.add_argument("--gammas", type=_floats, default=[0.25, 0.5, 1.0, 2.0, 4.0],
+                     help="comma-separated fixed momentum shears, one run each")
     ind.add_argument("--learn-gamma", type=float, default=0.5, help="init of the learned-gamma run")
-    ind.add_argument("--vocab", type=int, default=32)
-    ind.add_argument("--seq-len", type=int, default=64)
+    ind.add_argument("--vocab", type=int, default=32, help="random tokens to draw from")
+    ind.add_argument("--seq-len", type=int, default=64, help="sequence length (train and test)")
     for q, steps in ((st, 300), (ind, 400)):
-        q.add_argument("--steps", type=int, default=steps)
-        q.add_argument("--batch", type=int, default=32)
-        q.add_argument("--eval-batch", type=int, default=128)
-        q.add_argument("--d-model", type=int, default=64)
-        q.add_argument("--heads", type=int, default=4)
-        q.add_argument("--lr", type=float, default=3e-3)
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--steps", type=int, default=steps, help="training steps per model")
+        q.add_argument("--batch", type=int, default=32, help="training sequences per step")
+        q.add_argument("--eval-batch", type=int, default=128, help="test sequences per length")
+        q.add_argument("--d-model", type=int, default=64, help="model width")
+        q.add_argument("--heads", type=int, default=4, help="heads per layer")
+        q.add_argument("--lr", type=float, default=3e-3, help="learning rate")
+        q.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
         q.add_argument("--threads", type=int, default=1,
                        help="torch CPU threads (1 is fastest for these tiny models on a shared machine)")
         q.add_argument("--json", help="also write the rows to this file")
