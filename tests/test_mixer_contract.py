@@ -177,6 +177,20 @@ def test_a_document_start_hides_everything_before_it(name):
 
 
 @pytest.mark.parametrize("name", CASES)
+def test_a_packed_document_reads_as_the_document_alone(name):
+    """After a start, the logits are those of the document fed from position 0 (attention differs
+    only by RoPE's absolute positions, i.e. by rounding)."""
+    model = make(name)
+    ids = torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        packed = model(ids, doc_start=STARTS)
+        for b, start in ((0, 13), (1, 9)):  # row 0: [13, 20), row 1: [9, 15)
+            end = STARTS[b, start + 1:].nonzero()[0, 0].item() + start + 1
+            alone = model(ids[b:b + 1, start:end])
+            torch.testing.assert_close(packed[b:b + 1, start:end], alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_step_form_in_pieces_matches_the_parallel_form_across_document_starts(name):
     model = make(name)
     ids = torch.randint(0, V, (2, T))
