@@ -48,6 +48,9 @@ class BiInductConfig:
 class DataConfig:
     path: str = "data/pydocs"  # a directory written by `python -m data_prep tokenize`
     seq_len: int = 256
+    # no token attends to or carries state across an EOS into the next document (the model gets
+    # doc_start = llm.data.doc_starts(tokens, eos_id)); false: windows flow across documents
+    doc_mask: bool = False
     bi_induct: BiInductConfig = field(default_factory=BiInductConfig)
 
 

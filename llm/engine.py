@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from llm.config import ConfigError
+from llm.data.docs import doc_starts
 from llm.optim import describe_groups, lr_schedule, param_groups
 
 
@@ -67,14 +68,21 @@ def build_engine(cfg, model, world: int, max_steps: int, load_universal: bool = 
     return engine, group_rows, schedule
 
 
-def train_step(engine, micro_batch, accum: int, z_loss: float = 0.0) -> dict:
+def forward(engine, x, eos_id=None):
+    """Logits of inputs `x`; with `eos_id` (data.doc_mask), every token after an EOS starts a
+    document that sees nothing before it."""
+    x = x.to(engine.device)
+    return engine(x, doc_start=None if eos_id is None else doc_starts(x, eos_id))
+
+
+def train_step(engine, micro_batch, accum: int, z_loss: float = 0.0, eos_id=None) -> dict:
     """One optimizer step over `accum` micro-batches, `micro_batch(i) -> (inputs, targets)`; the
     engine applies the update after the last (its gradient accumulation). Returns the mean
     cross-entropy and z-loss term over the micro-batches, and the last one's cross-entropy."""
     ce_mean = z_mean = 0.0
     for i in range(accum):
         x, y = micro_batch(i)
-        loss, ce = lm_loss(engine(x.to(engine.device)), y.to(engine.device), z_loss)
+        loss, ce = lm_loss(forward(engine, x, eos_id), y.to(engine.device), z_loss)
         engine.backward(loss)
         engine.step()
         ce_mean += ce.item() / accum
@@ -94,8 +102,8 @@ class PlainEngine:
                                            eps=optim_cfg.eps)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(optim_cfg, max_steps))
 
-    def __call__(self, x):
-        return self.module(x)
+    def __call__(self, x, doc_start=None):
+        return self.module(x, doc_start=doc_start)
 
     def backward(self, loss) -> None:
         loss.backward()

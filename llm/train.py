@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from llm import checkpoint, distributed
 from llm.checkpoint import TrainState
 from llm.config import ConfigError, save_config
-from llm.engine import build_engine, lm_loss, resolve_dtype, train_step
+from llm.engine import build_engine, forward, lm_loss, resolve_dtype, train_step
 from llm.flops import mfu, peak_flops, train_flops_per_token
 from llm.logs import MetricsLog
 from llm.telemetry import TelemetryLog
@@ -83,7 +83,7 @@ class Checkpointer:
 
 
 @torch.no_grad()
-def evaluate(engine, windows: torch.Tensor, micro: int, rank: int, world: int) -> float:
+def evaluate(engine, windows: torch.Tensor, micro: int, rank: int, world: int, eos_id=None) -> float:
     """Mean held-out token loss over all ranks (each rank runs the same number of forwards, as
     ZeRO-3 gathers parameters collectively)."""
     from llm.data import rank_batches
@@ -92,7 +92,7 @@ def evaluate(engine, windows: torch.Tensor, micro: int, rank: int, world: int) -
     total, count = 0.0, 0.0
     for batch, weight in rank_batches(windows, micro, rank, world):
         batch = batch.to(engine.device)
-        _, ce = lm_loss(engine(batch[:, :-1]), batch[:, 1:])
+        _, ce = lm_loss(forward(engine, batch[:, :-1], eos_id), batch[:, 1:])
         total += weight * ce.item() * batch[:, 1:].numel()
         count += weight * batch[:, 1:].numel()
     engine.train()
@@ -104,15 +104,16 @@ class Evaluator:
     """Held-out loss and the attention products' ranks (all in telemetry.jsonl; layer means in the
     metrics) every train.eval_every steps, and at the end with eval.final."""
 
-    def __init__(self, cfg, engine, val_windows, telemetry: TelemetryLog, rank: int, world: int):
+    def __init__(self, cfg, engine, val_windows, telemetry: TelemetryLog, rank: int, world: int, eos_id):
         self.cfg, self.engine, self.val, self.telemetry = cfg, engine, val_windows, telemetry
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.eos_id = rank, world, eos_id
 
     def due(self, step: int, last: bool) -> bool:
         return step % self.cfg.train.eval_every == 0 or (last and self.cfg.eval.final)
 
     def run(self, step: int) -> dict:
-        val_loss = evaluate(self.engine, self.val, self.cfg.train.micro_batch_size, self.rank, self.world)
+        val_loss = evaluate(self.engine, self.val, self.cfg.train.micro_batch_size, self.rank, self.world,
+                            self.eos_id)
         return {"val_loss": val_loss, "val_ppl": math.exp(val_loss), **self.telemetry.write(self.engine.module, step)}
 
     def maybe_eval(self, step: int, last: bool) -> dict:
@@ -190,6 +191,7 @@ class Run:
     loader: object
     state: TrainState
     accum: int
+    eos_id: object  # int when data.doc_mask (documents end at EOS), else None
     rank: int
     world: int
     log: MetricsLog
@@ -262,10 +264,11 @@ def setup(cfg, job_start: float, stop: StopSignal) -> Run:
     log = MetricsLog(cfg, out_dir, state.step, t.max_steps, active=rank == 0)
     telemetry = TelemetryLog(out_dir, state.step, active=rank == 0)
     val = eval_windows(val_data, d.seq_len, cfg.eval.windows)
+    eos_id = train_data.eos_id if d.doc_mask else None
     run = Run(cfg=cfg, engine=engine, loader=loader, state=state, accum=engine.gradient_accumulation_steps(),
-              rank=rank, world=world, log=log, stopper=Stopper(cfg, job_start, stop, rank),
+              eos_id=eos_id, rank=rank, world=world, log=log, stopper=Stopper(cfg, job_start, stop, rank),
               reporter=Reporter(cfg, engine, loader, schedule, log, world),
-              evaluator=Evaluator(cfg, engine, val, telemetry, rank, world),
+              evaluator=Evaluator(cfg, engine, val, telemetry, rank, world, eos_id),
               checkpointer=Checkpointer(cfg, engine, log), out_dir=out_dir)
     _announce(run, model, group_rows, budget_info, source)
     return run
@@ -281,7 +284,7 @@ def train(cfg) -> dict:
     stop_reason = None
     for step in range(run.state.step, cfg.train.max_steps):
         step_start = time.time()
-        stats = train_step(run.engine, run.micro_batch(step), run.accum, cfg.train.z_loss)
+        stats = train_step(run.engine, run.micro_batch(step), run.accum, cfg.train.z_loss, run.eos_id)
         run.state = TrainState.at(step + 1, cfg.train.global_batch_size)
         stop_reason = run.stopper.reason(run.state.step, time.time() - step_start, run.checkpointer.longest_save)
         last = run.state.step == cfg.train.max_steps or stop_reason is not None

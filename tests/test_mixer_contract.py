@@ -1,7 +1,8 @@
 """The contract every registered mixer keeps (llm/model/mixers/base.py), checked on each mixer of
 `MIXERS` and on the option variants and hybrid stacks that change its code paths: the step form fed
 in pieces of several sizes equals the parallel form, causality, a role for every parameter, the
-parameters' dtype in and out, the declared interface, and plain values in what a model is built from."""
+parameters' dtype in and out, the declared interface, plain values in what a model is built from,
+and document starts (`doc_start`): nothing crosses one, in either form, and gradients stay finite."""
 import dataclasses
 
 import pytest
@@ -144,3 +145,77 @@ def test_kernels_fla_requires_the_fast_path(name):
     else:
         with pytest.raises(RuntimeError, match="kernels=fla"):
             model(ids)
+
+
+def doc_starts_of(rows):
+    """bool [len(rows), T] with the given start positions per row."""
+    starts = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, positions in enumerate(rows):
+        starts[b, positions] = True
+    return starts
+
+
+# Piece starts of the sizes below: 1, 6, 9 and 7, 8, 10. Row 0 has starts inside pieces and at
+# piece starts, row 1 a start at 0, starts in a row and one at the last position.
+STARTS = doc_starts_of([[6, 11, 13, 20], [0, 7, 8, 9, 15, 22]])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_document_start_hides_everything_before_it(name):
+    model = make(name)
+    ids = torch.randint(0, V, (2, T))
+    changed = ids.clone()
+    changed[:, [3, 12]] = (changed[:, [3, 12]] + 1) % V  # row 0: docs [0, 6), [6, 11), [11, 13); row 1: [9, 15)
+    with torch.no_grad():
+        full, other = model(ids, doc_start=STARTS), model(changed, doc_start=STARTS)
+        unmasked = model(changed)
+    atol = 1e-6 if mixers_of(model) & CHUNKED else 0.0
+    for b, later in ((0, 13), (1, 15)):  # the first start after the last changed token of the row
+        torch.testing.assert_close(other[b, later:], full[b, later:], atol=atol, rtol=0)
+        assert (other[b, 12:later] - full[b, 12:later]).abs().max() > 1e-4  # in the changed document
+        assert (unmasked[b, later:] - full[b, later:]).abs().max() > 1e-4  # without the mask: seen
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_packed_document_reads_as_the_document_alone(name):
+    """After a start, the logits are those of the document fed from position 0 (attention differs
+    only by RoPE's absolute positions, i.e. by rounding)."""
+    model = make(name)
+    ids = torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        packed = model(ids, doc_start=STARTS)
+        for b, start in ((0, 13), (1, 9)):  # row 0: [13, 20), row 1: [9, 15)
+            end = STARTS[b, start + 1:].nonzero()[0, 0].item() + start + 1
+            alone = model(ids[b:b + 1, start:end])
+            torch.testing.assert_close(packed[b:b + 1, start:end], alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_step_form_in_pieces_matches_the_parallel_form_across_document_starts(name):
+    model = make(name)
+    ids = torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        full = model(ids, doc_start=STARTS)
+        for sizes in ([1, 5, 3, 14], [7, 1, 2, 13], [T]):
+            torch.testing.assert_close(run_in_pieces(model, ids, sizes, STARTS)[0], full, atol=1e-5, rtol=1e-5)
+        # a start only at position 0, or none, is one document: the unmasked forward
+        torch.testing.assert_close(model(ids, doc_start=doc_starts_of([[0], []])), model(ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_gradients_through_document_starts_are_finite(name):
+    model = make(name).train()
+    ids = torch.randint(0, V, (2, T))
+    model(ids, doc_start=STARTS).float().square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().max() > 0 for g in grads)
+
+
+def test_doc_start_must_be_bool_b_t():
+    model = make("softmax")
+    ids = torch.randint(0, V, (2, T))
+    with pytest.raises(ValueError, match="doc_start"):
+        model(ids, doc_start=STARTS[:, :-1])
+    with pytest.raises(ValueError, match="doc_start"):
+        model(ids, doc_start=STARTS.long())

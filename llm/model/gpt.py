@@ -9,6 +9,7 @@ from llm.model.layers import RMSNorm
 from llm.model.mixers import MIXERS
 from llm.model.roles import set_role
 from llm.model.spec import ModelSpec, model_spec
+from llm.ops.utils import check_doc_start
 
 
 def layer_mixers(model_cfg) -> list[str]:
@@ -49,23 +50,27 @@ class GPT(nn.Module):
         h = self.norm(h)
         return h @ self.embed.weight.t() if self.head is None else self.head(h)
 
-    def forward(self, input_ids):
-        """input_ids [B, T] -> logits [B, T, vocab]."""
+    def forward(self, input_ids, doc_start=None):
+        """input_ids [B, T] -> logits [B, T, vocab]. doc_start (bool [B, T], None: one document per
+        row) is True where a document begins: no position sees anything before its document."""
+        check_doc_start(doc_start, *input_ids.shape)
         h = self.embed(input_ids)
         for block in self.blocks:
-            h = block(h)
+            h = block(h, doc_start)
         return self.logits(h)
 
     @torch.no_grad()
     def init_cache(self, batch_size: int):
         return [block.mixer.init_cache(batch_size) for block in self.blocks]
 
-    def forward_step(self, input_ids, cache):
-        """Continue from `cache` over input_ids [B, t]; returns (logits [B, t, vocab], new cache)."""
+    def forward_step(self, input_ids, cache, doc_start=None):
+        """Continue from `cache` over input_ids [B, t]; returns (logits [B, t, vocab], new cache).
+        doc_start [B, t] as in `forward` (a start resets what the cache carries)."""
+        check_doc_start(doc_start, *input_ids.shape)
         h = self.embed(input_ids)
         new_cache = []
         for block, c in zip(self.blocks, cache):
-            h, c = block.forward_step(h, c)
+            h, c = block.forward_step(h, c, doc_start)
             new_cache.append(c)
         return self.logits(h), new_cache
 

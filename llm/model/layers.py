@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.model.roles import set_role
+from llm.ops.utils import doc_begin
 
 
 class RMSNorm(nn.Module):
@@ -60,14 +61,29 @@ class ShortConv(nn.Module):
         w = self.conv.weight
         return w.new_zeros(batch_size, self.kernel_size - 1, w.shape[0])
 
-    def forward(self, x, cache=None):
-        """x [B, T, C] -> (y [B, T, C], new cache). cache None means zeros before position 0."""
+    def forward(self, x, cache=None, doc_start=None):
+        """x [B, T, C] -> (y [B, T, C], new cache). cache None means zeros before position 0;
+        doc_start [B, T] (bool) hides everything before a document's start from its outputs."""
         if cache is None:
             cache = self.init_cache(x.shape[0]).to(x.dtype)
         xx = torch.cat([cache, x], dim=1)  # [B, K-1+T, C]
-        y = F.conv1d(xx.transpose(1, 2), self.conv.weight, groups=self.conv.weight.shape[0]).transpose(1, 2)
+        if doc_start is None:
+            y = F.conv1d(xx.transpose(1, 2), self.conv.weight, groups=self.conv.weight.shape[0]).transpose(1, 2)
+        else:
+            y, xx = self._conv_documents(xx, doc_start)
         y = F.silu(y) if self.activation else y
         return y, xx[:, xx.shape[1] - (self.kernel_size - 1):]
+
+    def _conv_documents(self, xx, doc_start):
+        """The conv with each output's window cut at its document's start, and xx with the inputs
+        before the last start zeroed (the cache then holds nothing of an earlier document)."""
+        K, T = self.kernel_size, doc_start.shape[1]
+        pos = torch.arange(K - 1 + T, device=xx.device)
+        begin = doc_begin(F.pad(doc_start, (K - 1, 0)))[:, K - 1:]  # [B, T], in xx's positions
+        windows = xx.unfold(1, K, 1)  # [B, T, C, K]: output t reads xx[t .. t + K - 1]
+        seen = (pos[:T, None] + torch.arange(K, device=xx.device) >= begin[..., None]).to(xx.dtype)
+        y = torch.einsum("btck,btk,ck->btc", windows, seen, self.conv.weight[:, 0])
+        return y, xx * (pos >= begin[:, -1:]).to(xx.dtype)[..., None]
 
 
 def l2norm(x, eps: float = 1e-6):

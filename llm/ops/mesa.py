@@ -13,13 +13,16 @@ with `cg_steps=None` it solves exactly with torch.linalg.solve (the reference fo
 `chunk_mesa` checks its inputs and dispatches to fla's kernel or to the torch `chunk_reference`;
 `recurrent_mesa` is torch only. Arguments after q, k, v are keyword-only.
 
+`doc_start` (bool [B, T], None: one document per row) resets both states to zero before a token
+that begins a document (as `llm.ops.delta_rule` does; fla gets cu_seqlens).
+
 Gradients of the CG solve are implicit (`SPDSolve`): one more CG solve with the same symmetric
 matrix, as fla does, rather than autograd through the unrolled iterations.
 """
 import torch
 from torch.autograd.function import once_differentiable
 
-from llm.ops.utils import check_shapes, check_state, chunk_gates, to_chunks, use_kernel
+from llm.ops.utils import ChunkDecays, Segments, check_doc_start, check_shapes, check_state, to_chunks, use_kernel
 
 
 def conjugate_gradient(matvec, b, steps, tol=None):
@@ -79,8 +82,9 @@ class SPDSolve(torch.autograd.Function):
         return (None, None, None, y, *(next(grads) if n else None for n in needs))
 
 
-def _check(q, k, v, g, beta, lamb, initial_state):
-    B, _, H, K, V = check_shapes(q, k, v, g=g, beta=beta)
+def _check(q, k, v, g, beta, lamb, initial_state, doc_start):
+    B, T, H, K, V = check_shapes(q, k, v, g=g, beta=beta)
+    check_doc_start(doc_start, B, T)
     check_state("lamb [H, K]", lamb, (H, K))
     if initial_state is not None:
         if len(initial_state) != 2:
@@ -95,50 +99,62 @@ def _zero_state(q, B, H, K, V):
 
 
 def chunk_mesa(q, k, v, *, g, beta, lamb, initial_state=None, output_final_state=False, cg_steps=30,
-               chunk_size=64, cg_tol=None, backend="auto"):
+               chunk_size=64, cg_tol=None, doc_start=None, backend="auto"):
     """Chunkwise Mesa. Returns (o [B, T, H, V], (H, G) final state or None).
 
     On CUDA half-precision inputs with fla installed and V == K <= 128 this calls fla's
     chunk_mesa_net (fixed `cg_steps`; it has no tolerance, so `cg_tol` only applies to the
     torch path). fla expects L2-normalized keys."""
-    B, H, K, V = _check(q, k, v, g, beta, lamb, initial_state)
+    B, H, K, V = _check(q, k, v, g, beta, lamb, initial_state, doc_start)
     if cg_steps < 1 or chunk_size < 1:
         raise ValueError(f"cg_steps and chunk_size: expected positive integers, got {cg_steps}, {chunk_size}")
     fits = V == K <= 128
     if backend == "fla" and not fits:
         raise ValueError(f"fla's chunk_mesa_net needs V == K <= 128, got K={K}, V={V}")
     if fits and use_kernel(backend, "fla", q, k, v):
-        return _fla(q, k, v, g, beta, lamb, initial_state, output_final_state, cg_steps)
+        return _fla(q, k, v, g, beta, lamb, initial_state, output_final_state, cg_steps, doc_start)
     state = _zero_state(q, B, H, K, V) if initial_state is None else tuple(s.float() for s in initial_state)
-    return chunk_reference(q, k, v, g, beta, lamb, state, output_final_state, cg_steps, chunk_size, cg_tol)
+    return chunk_reference(q, k, v, g, beta, lamb, state, output_final_state, cg_steps, chunk_size, cg_tol, doc_start)
 
 
-def _fla(q, k, v, g, beta, lamb, initial_state, output_final_state, cg_steps):
+def _fla(q, k, v, g, beta, lamb, initial_state, output_final_state, cg_steps, doc_start):
+    """fla's chunk_mesa_net; document starts as its variable-length batch (one row, cu_seqlens)."""
     from fla.ops.mesa_net import chunk_mesa_net
     h_kk, h_kv = (None, None) if initial_state is None else (s.float() for s in initial_state)
-    o, h_kk, h_kv = chunk_mesa_net(q=q, k=k, v=v, g=g.float(), beta=beta.float(), lamb=lamb.float(),
-                                   h_kk_init=h_kk, h_kv_init=h_kv, output_final_state=output_final_state,
-                                   max_CG_iteration=cg_steps)
-    return o, ((h_kk, h_kv) if output_final_state else None)
+    g, beta = g.float(), beta.float()
+    if doc_start is None:
+        o, h_kk, h_kv = chunk_mesa_net(q=q, k=k, v=v, g=g, beta=beta, lamb=lamb.float(), h_kk_init=h_kk,
+                                       h_kv_init=h_kv, output_final_state=output_final_state,
+                                       max_CG_iteration=cg_steps)
+        return o, ((h_kk, h_kv) if output_final_state else None)
+    seg = Segments.of(doc_start)
+    o, h_kk, h_kv = chunk_mesa_net(*(seg.flat(t) for t in (q, k, v, g, beta)), lamb=lamb.float(),
+                                   h_kk_init=seg.initial_states(h_kk), h_kv_init=seg.initial_states(h_kv),
+                                   output_final_state=output_final_state, max_CG_iteration=cg_steps,
+                                   cu_seqlens=seg.cu_seqlens)
+    final = (seg.final_states(h_kk), seg.final_states(h_kv)) if output_final_state else None
+    return o.view(v.shape), final
 
 
-def chunk_reference(q, k, v, g, beta, lamb, state, output_final_state, cg_steps, C, cg_tol):
-    """The torch chunk form from the fp32 state (H, G): chunk-start states, then one batched CG."""
+def chunk_reference(q, k, v, g, beta, lamb, state, output_final_state, cg_steps, C, cg_tol, doc_start=None):
+    """The torch chunk form from the fp32 state (H, G): chunk-start states, then one batched CG
+    (the `ChunkDecays`: 0 across a document start)."""
     T, out_dtype = q.shape[1], q.dtype
     q, k, v, beta = (to_chunks(x, C) for x in (q, k, v, beta))
-    G, gamma = chunk_gates(g, q)
+    decays = ChunkDecays(g, q, doc_start)
+    gamma = decays.within
     decay = gamma * beta[..., None, :]  # weight of key j in H_i within the chunk: exp(G_i - G_j) beta_j
-    k_end = k * ((G[..., -1:] - G).exp() * beta)[..., None]  # weight of each key in the chunk-end state
+    k_end = k * (decays.end * beta)[..., None]  # weight of each key in the chunk-end state
     h_kk, h_kv = state
     starts_kk, starts_kv = [], []
     # unbind, not x[:, :, n]: the backward of N slices would write N full-size gradients (O(N^2))
-    for a_n, ke_n, k_n, v_n in zip(*(x.unbind(2) for x in (G[..., -1].exp(), k_end, k, v))):
+    for a_n, ke_n, k_n, v_n in zip(*(x.unbind(2) for x in (decays.whole, k_end, k, v))):
         starts_kk.append(h_kk)
         starts_kv.append(h_kv)
         h_kk = a_n[..., None, None] * h_kk + ke_n.mT @ k_n
         h_kv = a_n[..., None, None] * h_kv + ke_n.mT @ v_n
     start_kk, start_kv = torch.stack(starts_kk, 2), torch.stack(starts_kv, 2)
-    eG = G.exp()[..., None]
+    eG = decays.start[..., None]
     x = SPDSolve.apply(_chunk_matvec, cg_steps, cg_tol, q, start_kk, eG, k, decay, lamb.float()[:, None, None])
     o = eG * (x @ start_kv) + ((x @ k.mT) * decay) @ v
     o = o.flatten(2, 3)[:, :, :T].transpose(1, 2).to(out_dtype)
@@ -158,18 +174,21 @@ def _step_matvec(x, h_kk, lamb):
 
 
 def recurrent_mesa(q, k, v, *, g, beta, lamb, initial_state=None, output_final_state=False, cg_steps=30,
-                   cg_tol=None):
+                   cg_tol=None, doc_start=None):
     """Token-by-token Mesa (torch only). cg_steps=None solves each step exactly with
     torch.linalg.solve and differentiates through it: the reference. Returns as `chunk_mesa`."""
-    B, H, K, V = _check(q, k, v, g, beta, lamb, initial_state)
+    B, H, K, V = _check(q, k, v, g, beta, lamb, initial_state, doc_start)
     if cg_steps is not None and cg_steps < 1:
         raise ValueError(f"cg_steps: expected a positive integer or None (exact solve), got {cg_steps}")
     lf = lamb.float()
     h_kk, h_kv = _zero_state(q, B, H, K, V) if initial_state is None else (s.float() for s in initial_state)
     outs = []
+    kept = [None] * q.shape[1] if doc_start is None else (~doc_start).float().unbind(1)  # 0: a document starts
     # unbind, not x[:, t]: the backward of T slices would write T full-size gradients (O(T^2))
-    for q_t, k_t, v_t, g_t, b_t in zip(*(x.float().unbind(1) for x in (q, k, v, g, beta))):
+    for q_t, k_t, v_t, g_t, b_t, kept_t in zip(*(x.float().unbind(1) for x in (q, k, v, g, beta)), kept):
         a = g_t.exp()[..., None, None]
+        if kept_t is not None:
+            a = a * kept_t[:, None, None, None]
         kb = (b_t[..., None] * k_t)[..., :, None]
         h_kk = a * h_kk + kb * k_t[..., None, :]
         h_kv = a * h_kv + kb * v_t[..., None, :]

@@ -12,8 +12,14 @@ composition is again column-one-hot, collisions included. So a log-depth associa
 
 Both are torch (no GPU kernel): `pd_recurrent` the sequential reference, `pd_scan` the parallel
 form. Arguments after perm, d, u are keyword-only.
+
+`doc_start` (bool [B, T], None: one document per row) drops the state before a token that begins a
+document: d_t = 0 there, so h_t = u_t (a caller that restarts from another state adds its image,
+P_t diag(d_t) h_start, to u_t).
 """
 import torch
+
+from llm.ops.utils import check_doc_start
 
 
 def pd_matvec(perm, x):
@@ -21,10 +27,11 @@ def pd_matvec(perm, x):
     return torch.zeros_like(x).scatter_add(-1, perm, x)
 
 
-def pd_recurrent(perm, d, u, *, initial_state=None, output_final_state=False):
+def pd_recurrent(perm, d, u, *, initial_state=None, output_final_state=False, doc_start=None):
     """Sequential reference. perm [B, T, H, N] long, d, u [B, T, H, N], initial_state [B, H, N].
     Returns (h [B, T, H, N], final state [B, H, N] or None)."""
-    _check(perm, d, u, initial_state)
+    _check(perm, d, u, initial_state, doc_start)
+    d = _drop_at_starts(d, doc_start)
     h = u.new_zeros(u[:, 0].shape) if initial_state is None else initial_state
     out = []
     for t in range(u.shape[1]):
@@ -33,11 +40,12 @@ def pd_recurrent(perm, d, u, *, initial_state=None, output_final_state=False):
     return torch.stack(out, 1), (h if output_final_state else None)
 
 
-def pd_scan(perm, d, u, *, initial_state=None, output_final_state=False, chunk_size=64):
+def pd_scan(perm, d, u, *, initial_state=None, output_final_state=False, chunk_size=64, doc_start=None):
     """The same recurrence by a parallel scan: log-depth within chunks of `chunk_size` steps, then
     the same scan, recursively, over the chunks' composed maps to get each chunk's start state.
     Autograd keeps O(log chunk_size) tensors of size [B, T, H, N]: memory O(T N), not O(T N^2)."""
-    _check(perm, d, u, initial_state)
+    _check(perm, d, u, initial_state, doc_start)
+    d = _drop_at_starts(d, doc_start)
     if chunk_size < 2:
         raise ValueError(f"pd_scan: chunk_size must be >= 2, got {chunk_size}")
     h = _scan(perm, d, u, initial_state, chunk_size)
@@ -78,7 +86,7 @@ def _prefix(perm, d, u):
     return perm, d, u
 
 
-def _check(perm, d, u, h0):
+def _check(perm, d, u, h0, doc_start):
     if perm.dtype != torch.long:
         raise TypeError(f"pd_ssm: perm must be a long tensor of row indices, got {perm.dtype}")
     if not (perm.ndim == 4 and perm.shape == d.shape == u.shape):
@@ -88,3 +96,9 @@ def _check(perm, d, u, h0):
         raise ValueError("pd_ssm: expected at least one time step")
     if h0 is not None and h0.shape != u[:, 0].shape:
         raise ValueError(f"pd_ssm: initial_state must be [B, H, N] = {tuple(u[:, 0].shape)}, got {tuple(h0.shape)}")
+    check_doc_start(doc_start, *u.shape[:2])
+
+
+def _drop_at_starts(d, doc_start):
+    """d with 0 where a document starts: h_t = u_t there."""
+    return d if doc_start is None else torch.where(doc_start[..., None, None], 0, d)

@@ -7,6 +7,11 @@ its layer index and its options, a frozen `Args` dataclass filled from `model.mi
 and validated when the spec is resolved (`Args.check(model_cfg)` may raise ValueError for
 impossible combinations).
 
+Both forms take `doc_start` (bool [B, T] over the new tokens, None: no document starts; the step
+form's cache remembers earlier ones): a position sees nothing before the latest document start at
+or before it. Attention masks the earlier keys; recurrent mixers reset their state (and short
+convs their window), momentum restarts its shear, PD-SSM returns to its start state.
+
 What the rest of the framework may rely on besides the forward forms:
 - `o_proj`: the nn.Linear that writes into the residual stream (the model initializes it with
   std / sqrt(2 n_layers)); `reset_parameters()` runs after the model's generic init, for what a
@@ -47,13 +52,13 @@ class Mixer(nn.Module):
         super().__init__()
         self.layer_idx, self.args, self.kernels = layer_idx, args, spec.kernels
 
-    def forward(self, x):  # [B, T, C] -> [B, T, C]
+    def forward(self, x, doc_start=None):  # [B, T, C] -> [B, T, C]
         raise NotImplementedError
 
     def init_cache(self, batch_size: int) -> dict:
         raise NotImplementedError
 
-    def forward_step(self, x, cache: dict):  # ([B, t, C], cache) -> ([B, t, C], cache)
+    def forward_step(self, x, cache: dict, doc_start=None):  # ([B, t, C], cache) -> ([B, t, C], cache)
         raise NotImplementedError
 
     def reset_parameters(self) -> None:

@@ -69,20 +69,20 @@ class DeltaNet(Mixer):
     def projections(self):
         return {"q": self.q_proj, "k": self.k_proj, "v": self.v_proj, "o": self.o_proj}
 
-    def _mix(self, x, cache):
+    def _mix(self, x, cache, doc_start):
         """The mixer over x [B, T, C], from `cache` (None: the start of a sequence, no new cache)."""
         B, T, _ = x.shape
         c = cache or {}
-        q, q_tail = self.q_conv(self.q_proj(x), c.get("q_conv"))
-        k, k_tail = self.k_conv(self.k_proj(x), c.get("k_conv"))
-        v, v_tail = self.v_conv(self.v_proj(x), c.get("v_conv"))
+        q, q_tail = self.q_conv(self.q_proj(x), c.get("q_conv"), doc_start)
+        k, k_tail = self.k_conv(self.k_proj(x), c.get("k_conv"), doc_start)
+        v, v_tail = self.v_conv(self.v_proj(x), c.get("v_conv"), doc_start)
         q = l2norm(q.view(B, T, self.n_heads, self.head_k))
         k = l2norm(k.view(B, T, self.n_heads, self.head_k))
         v = v.view(B, T, self.n_heads, self.head_v)
         beta = self.b_proj(x).float().sigmoid() * (2.0 if self.args.allow_neg_eigval else 1.0)
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias) if self.gated else None
         kw = dict(beta=beta, g=g, initial_state=c.get("state"), output_final_state=cache is not None,
-                  backend=self.kernels)
+                  doc_start=doc_start, backend=self.kernels)
         if cache is not None and T == 1:  # decoding
             o, state = recurrent_delta_rule(q, k, v, **kw)
         else:
@@ -90,8 +90,8 @@ class DeltaNet(Mixer):
         y = self.o_proj(self.o_norm(o, x))
         return y, (None if cache is None else {"state": state, "q_conv": q_tail, "k_conv": k_tail, "v_conv": v_tail})
 
-    def forward(self, x):
-        return self._mix(x, None)[0]
+    def forward(self, x, doc_start=None):
+        return self._mix(x, None, doc_start)[0]
 
     def init_cache(self, batch_size):
         w = self.q_proj.weight
@@ -99,8 +99,8 @@ class DeltaNet(Mixer):
                 "q_conv": self.q_conv.init_cache(batch_size), "k_conv": self.k_conv.init_cache(batch_size),
                 "v_conv": self.v_conv.init_cache(batch_size)}
 
-    def forward_step(self, x, cache):
-        return self._mix(x, cache)
+    def forward_step(self, x, cache, doc_start=None):
+        return self._mix(x, cache, doc_start)
 
     @classmethod
     def flops_per_token(cls, spec, args, seq_len):

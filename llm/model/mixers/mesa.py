@@ -65,12 +65,12 @@ class Mesa(Mixer):
     def lamb(self):
         return F.softplus(self.lamb_param.float()) + self.args.lamb_lower_bound
 
-    def _mix(self, x, cache):
+    def _mix(self, x, cache, doc_start):
         """The mixer over x [B, T, C], from `cache` (None: the start of a sequence, no new cache)."""
         B, T, _ = x.shape
         c = cache or {}
-        q, q_tail = self.q_conv(self.q_proj(x), c.get("q_conv"))
-        k, k_tail = self.k_conv(self.k_proj(x), c.get("k_conv"))
+        q, q_tail = self.q_conv(self.q_proj(x), c.get("q_conv"), doc_start)
+        k, k_tail = self.k_conv(self.k_proj(x), c.get("k_conv"), doc_start)
         q = l2norm(q.view(B, T, self.n_heads, self.head_dim))
         k = l2norm(k.view(B, T, self.n_heads, self.head_dim))
         v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim)
@@ -79,7 +79,7 @@ class Mesa(Mixer):
         a = self.args
         kw = dict(g=g, beta=beta, lamb=self.lamb(), initial_state=c.get("state"),
                   output_final_state=cache is not None, cg_steps=a.cg_steps,
-                  cg_tol=None if torch.is_grad_enabled() else a.cg_tol)
+                  cg_tol=None if torch.is_grad_enabled() else a.cg_tol, doc_start=doc_start)
         if cache is not None and T == 1:  # decoding
             o, state = recurrent_mesa(q, k, v, **kw)
         else:
@@ -87,8 +87,8 @@ class Mesa(Mixer):
         y = self.o_proj(self.o_norm(o, x))
         return y, (None if cache is None else {"state": state, "q_conv": q_tail, "k_conv": k_tail})
 
-    def forward(self, x):
-        return self._mix(x, None)[0]
+    def forward(self, x, doc_start=None):
+        return self._mix(x, None, doc_start)[0]
 
     def init_cache(self, batch_size):
         H, K = self.n_heads, self.head_dim
@@ -97,8 +97,8 @@ class Mesa(Mixer):
         return {"state": state, "q_conv": self.q_conv.init_cache(batch_size),
                 "k_conv": self.k_conv.init_cache(batch_size)}
 
-    def forward_step(self, x, cache):
-        return self._mix(x, cache)
+    def forward_step(self, x, cache, doc_start=None):
+        return self._mix(x, cache, doc_start)
 
     @classmethod
     def flops_per_token(cls, spec, args, seq_len):

@@ -44,28 +44,32 @@ class MomentumAttention(SoftmaxAttention):
         else:
             self.register_buffer("gamma", gamma, persistent=False)
 
-    def qkv(self, x, cache=None):
+    def qkv(self, x, cache=None, doc_start=None):
         start = 0 if cache is None else cache["pos"]
         q, k, v = self.project(x)
         post = self.args.apply == "post_rope"
         if post:
             q, k = self.rotary(q, start), self.rotary(k, start)
         prev_q, prev_k = (None, None) if start == 0 else (cache["q_prev"], cache["k_prev"])
-        q_sh = self.shear(q, prev_q, self.gamma.repeat_interleave(self.n_heads // self.n_kv_heads))
-        k_sh = self.shear(k, prev_k, self.gamma)
+        q_sh = self.shear(q, prev_q, self.gamma.repeat_interleave(self.n_heads // self.n_kv_heads), doc_start)
+        k_sh = self.shear(k, prev_k, self.gamma, doc_start)
         if cache is not None:  # forward_step's own copy: the next piece shears against these
             cache["q_prev"], cache["k_prev"] = q[:, -1:], k[:, -1:]
         if not post:
             q_sh, k_sh = self.rotary(q_sh, start), self.rotary(k_sh, start)
         return q_sh, k_sh, v
 
-    def shear(self, x, prev, gamma):
+    def shear(self, x, prev, gamma, doc_start=None):
         """x [B, T, H, D] -> x + gamma (x - x shifted by one step); prev [B, 1, H, D] is the vector
-        before x[:, 0], or None at position 0 (then `first` decides)."""
-        if prev is None:
-            prev = x[:, :1] if self.args.first == "repeat" else torch.zeros_like(x[:, :1])
-        before = torch.cat([prev, x[:, :-1]], 1)
+        before x[:, 0], or None at position 0 (then `first` decides, as at every document start)."""
+        before = torch.cat([self.before_first(x[:, :1]) if prev is None else prev, x[:, :-1]], 1)
+        if doc_start is not None:
+            before = torch.where(doc_start[..., None, None], self.before_first(x), before)
         return x + gamma.to(x.dtype)[:, None] * (x - before)
+
+    def before_first(self, x):
+        """What stands before the first vector of a document (`first`): itself (no shear) or zero."""
+        return x if self.args.first == "repeat" else torch.zeros_like(x)
 
     def init_cache(self, batch_size):
         cache = super().init_cache(batch_size)  # q_prev, k_prev are read only after position 0
@@ -73,8 +77,8 @@ class MomentumAttention(SoftmaxAttention):
         return {**cache, "q_prev": w.new_zeros(batch_size, 1, self.n_heads, self.head_dim),
                 "k_prev": w.new_zeros(batch_size, 1, self.n_kv_heads, self.head_dim)}
 
-    def forward_step(self, x, cache):
-        return super().forward_step(x, dict(cache))  # a copy, so qkv can record the last q/k in it
+    def forward_step(self, x, cache, doc_start=None):
+        return super().forward_step(x, dict(cache), doc_start)  # a copy, so qkv can record the last q/k in it
 
     @classmethod
     def flops_per_token(cls, spec, args, seq_len):

@@ -121,24 +121,31 @@ class PDSSM(Mixer):
 
         return hard[torch.arange(H, device=x.device), k], ste
 
-    def forward(self, x):
-        return self._run(x, self.init_cache(x.shape[0])["h"])[0]
+    def forward(self, x, doc_start=None):
+        return self._run(x, self.init_cache(x.shape[0])["h"], doc_start)[0]
 
     def init_cache(self, batch_size):
         return {"h": self.start.to(torch.complex64).expand(batch_size, -1, -1).clone()}
 
-    def forward_step(self, x, cache):
-        y, h = self._run(x, cache["h"])
+    def forward_step(self, x, cache, doc_start=None):
+        y, h = self._run(x, cache["h"], doc_start)
         return y, {"h": h}
 
-    def _run(self, x, h0):
+    def _run(self, x, h0, doc_start):
         perm, ste = self.transitions(x)
         d, u = self.coefficients(x)
+        scan = dict(initial_state=h0, chunk_size=self.args.chunk_size, doc_start=doc_start)
+        if doc_start is not None:  # a document restarts from e_0: the scan drops h_{t-1}, u_t gains P_t D_t e_0
+            start = self.start.to(u.dtype)
+            u = u + torch.where(doc_start[..., None, None], pd_matvec(perm, d * start), 0)
         if ste is not None and torch.is_grad_enabled():
             with torch.no_grad():
-                h, _ = pd_scan(perm, d, u, initial_state=h0, chunk_size=self.args.chunk_size)
-            u = u + ste(d.detach() * torch.cat([h0[:, None], h[:, :-1]], 1))
-        h, final = pd_scan(perm, d, u, initial_state=h0, output_final_state=True, chunk_size=self.args.chunk_size)
+                h, _ = pd_scan(perm, d, u, **scan)
+            before = torch.cat([h0[:, None], h[:, :-1]], 1)  # h_{t-1}, as step t reads it
+            if doc_start is not None:
+                before = torch.where(doc_start[..., None, None], start, before)
+            u = u + ste(d.detach() * before)
+        h, final = pd_scan(perm, d, u, output_final_state=True, **scan)
         return self.output(h, x), final
 
     def output(self, h, x):
