@@ -16,11 +16,11 @@ WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.mode
 
 
 def export(run_dir: str, out_dir: str, tag: str = None) -> None:
-    from llm.data import load_tokenizer
     from llm.checkpoint import load_model
+    from llm.eval import run_tokenizer
 
     model, cfg = load_model(run_dir, tag)
-    tokenizer = load_tokenizer(cfg.data.path).path  # fail before writing anything
+    tokenizer = run_tokenizer(run_dir, cfg).path  # fail before writing anything
     os.makedirs(out_dir, exist_ok=True)
     # save_model, unlike save_file, stores tensors the model shares (a tied head) once.
     save_model(model, os.path.join(out_dir, WEIGHTS))

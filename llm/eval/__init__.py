@@ -15,14 +15,23 @@ from llm.files import write_json
 
 
 def load_run(run_dir: str, tag: str | None = None, device="cpu"):
-    """(model in eval mode on `device`, resolved config, tokenizer of its data, checkpoint tag) of a
-    run directory's given checkpoint, or its newest complete one."""
-    from llm.data import load_tokenizer
+    """(model in eval mode on `device`, resolved config, its tokenizer, checkpoint tag) of a run
+    directory's given checkpoint, or its newest complete one."""
     from llm.checkpoint import find_latest, load_model
 
     model, cfg = load_model(run_dir, tag)
     tag = tag or find_latest(os.path.join(run_dir, "checkpoints"))
-    return model.to(device), cfg, load_tokenizer(cfg.data.path), tag
+    return model.to(device), cfg, run_tokenizer(run_dir, cfg), tag
+
+
+def run_tokenizer(run_dir: str, cfg):
+    """The run directory's own copy of its tokenizer (written by training), else its data's (runs
+    made before the copy existed)."""
+    from llm.data import load_tokenizer
+    from llm.data.shards import TOKENIZER_FILE
+
+    own = os.path.join(run_dir, TOKENIZER_FILE)
+    return load_tokenizer(own if os.path.isfile(own) else cfg.data.path)
 
 
 def device_of(model) -> torch.device:
