@@ -53,7 +53,7 @@ def open_wandb(cfg, run_dir: str, continue_run: bool):
         with open(path) as f:
             run_id = f.read().strip()
     else:
-        run_id = uuid.uuid4().hex[:12]  # wandb's id alphabet
+        run_id = uuid.uuid4().hex[:12]  # hex digits: valid wandb run ids
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_atomic(path, run_id)
     return wandb.init(project=cfg.logging.project, name=cfg.logging.run_name, dir=run_dir,
