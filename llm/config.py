@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from llm.model.spec import ModelConfig, model_spec
 from llm.optim import GROUPS
-from llm.schema import ConfigError, typed_merge
+from llm.schema import ConfigError, at_least, check, in_range, one_of, optional, positive, typed_merge
 
 __all__ = ["Config", "ConfigError", "ModelConfig", "build_config", "config_root", "load_config", "model_config",
            "save_config"]
@@ -123,14 +124,42 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-CHOICES = {
-    "data.bi_induct.mode": ("none", "forward", "backward", "balanced"),
-    "data.bi_induct.anneal": ("none", "linear"),
-    "data.bi_induct.apply": ("online", "prep"),
-    "optim.schedule": ("cosine", "wsd", "constant"),
-    "train.dtype": ("auto", "fp32", "bf16"),
-    "logging.wandb": ("offline", "online", "disabled"),
+def _betas(b) -> bool:
+    return len(b) == 2 and all(0 <= x < 1 for x in b)
+
+
+# Each value's constraint: dotted key -> (predicate, what was expected). The model section's are
+# in llm.model.spec (SHAPE); cross-key rules are in `validate`.
+CONSTRAINTS = {
+    "data.seq_len": positive("an integer"),
+    "data.bi_induct.mode": one_of("none", "forward", "backward", "balanced"),
+    "data.bi_induct.rate": in_range(0, 1, open_hi=True),
+    "data.bi_induct.anneal": one_of("none", "linear"),
+    "data.bi_induct.seed": at_least(0, "an integer"),
+    "data.bi_induct.apply": one_of("online", "prep"),
+    "optim.lr": positive(),
+    "optim.weight_decay": at_least(0),
+    "optim.betas": (_betas, "[beta1, beta2], each 0 <= beta < 1"),
+    "optim.eps": positive(),
+    "optim.warmup_steps": at_least(0, "an integer"),
+    "optim.schedule": one_of("cosine", "wsd", "constant"),
+    "optim.min_lr_ratio": in_range(0, 1),
+    "optim.decay_fraction": in_range(0, 1, open_lo=True),
+    "optim.grad_clip": at_least(0),  # 0: no clipping
+    **{f"train.{key}": positive("an integer")
+       for key in ("max_steps", "global_batch_size", "micro_batch_size", "eval_every", "ckpt_every", "keep_last")},
+    "train.time_limit": optional(positive("seconds")),
+    "train.zero_stage": one_of(0, 1, 2, 3, text="0, 1, 2 or 3"),
+    "train.seed": at_least(0, "an integer"),
+    "train.dtype": one_of("auto", "fp32", "bf16"),
+    "train.z_loss": at_least(0),
+    "train.dist_timeout": positive("seconds"),
+    "eval.windows": at_least(0, "an integer", " (0 = the whole val split)"),
+    "logging.log_every": positive("an integer"),
+    "logging.wandb": one_of("offline", "online", "disabled"),
+    "logging.peak_flops": optional(positive()),
 }
+GROUP_OPTIONS = {"weight_decay": at_least(0), "lr_scale": positive()}  # optim.groups.<group>.<option>
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -166,13 +195,20 @@ def _resolve_include(name: str, base: Path) -> Path:
 
 
 def _parse_overrides(overrides) -> DictConfig:
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"override {bad[0]!r}: expected key=value, e.g. optim.lr=3e-4")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"overrides {list(overrides)}: {e}") from None
+    """Dotlist overrides (`optim.lr=3e-4`) as one node; each bad one fails naming itself."""
+    node = OmegaConf.create()
+    for override in overrides:
+        key, eq, _ = override.partition("=")
+        if not eq or not all(key.split(".")):
+            raise ConfigError(f"override {override!r}: expected key=value with a dotted key of non-empty "
+                              f"names, e.g. optim.lr=3e-4")
+        try:
+            node = OmegaConf.merge(node, OmegaConf.from_dotlist([override]))
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            reason = " ".join(line.strip() for line in str(e).splitlines() if "<unicode string>" not in line)
+            raise ConfigError(f"override {override!r}: the value is not valid YAML ({reason}); close its "
+                              f"brackets (e.g. optim.betas=[0.9,0.95]) or quote a literal string") from None
+    return node
 
 
 def build_config(*nodes) -> DictConfig:
@@ -195,46 +231,35 @@ def model_config(model_cfg) -> DictConfig:
 
 
 def validate(cfg: DictConfig) -> None:
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}: got {value!r}, expected one of {', '.join(allowed)}")
-    model_spec(cfg.model)  # the model section: shape, mixer names and options (llm.model.spec)
+    check(cfg, CONSTRAINTS)
+    spec = model_spec(cfg.model)  # the model section: shape, mixer names and options (llm.model.spec)
+    used = list(dict.fromkeys(name for name, _ in spec.layers))
+    for name in cfg.model.mixer_args:
+        if name not in used:
+            raise ConfigError(f"model.mixer_args.{name}: options of a mixer this model does not use "
+                              f"(its layers use: {', '.join(used)}); remove them or use {name} in "
+                              f"model.mixer / model.layer_pattern")
     t = cfg.train
-    _positive(cfg, "train.max_steps", "train.global_batch_size", "train.micro_batch_size",
-              "train.eval_every", "train.ckpt_every", "train.keep_last", "data.seq_len",
-              "logging.log_every")
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={t.micro_batch_size}")
-    if t.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.zero_stage: got {t.zero_stage}, expected 0, 1, 2 or 3")
     if t.stop_at_step is not None and not 0 < t.stop_at_step <= t.max_steps:
         raise ConfigError(f"train.stop_at_step={t.stop_at_step}: expected 1..train.max_steps ({t.max_steps})")
     if not (t.resume in ("none", "auto") or os.path.isdir(t.resume)):
         raise ConfigError(f"train.resume: got {t.resume!r}, expected none, auto or an existing checkpoint directory")
-    if cfg.optim.warmup_steps < 0 or cfg.optim.lr <= 0:
-        raise ConfigError("optim.lr must be > 0 and optim.warmup_steps >= 0")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"optim.betas: expected two numbers, got {list(cfg.optim.betas)}")
     lo, hi = (list(cfg.data.bi_induct.span) + [None, None])[:2]
     if lo is None or hi is None or not 1 <= lo <= hi:
         raise ConfigError(f"data.bi_induct.span: expected [lo, hi] with 1 <= lo <= hi, got {list(cfg.data.bi_induct.span)}")
-    if not 0.0 <= cfg.data.bi_induct.rate < 1.0:
-        raise ConfigError(f"data.bi_induct.rate: expected 0 <= rate < 1, got {cfg.data.bi_induct.rate}")
     for name, opts in cfg.optim.groups.items():
         if name not in GROUPS:
             raise ConfigError(f"optim.groups.{name}: unknown group; expected one of {', '.join(GROUPS)}")
         for k, v in opts.items():
-            if k not in ("weight_decay", "lr_scale") or not isinstance(v, (int, float)):
-                raise ConfigError(f"optim.groups.{name}.{k}: expected weight_decay or lr_scale with a number")
-
-
-def _positive(cfg, *keys):
-    for key in keys:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"{key}: expected a positive number, got {OmegaConf.select(cfg, key)}")
+            if k not in GROUP_OPTIONS:
+                raise ConfigError(f"optim.groups.{name}.{k}: unknown option; expected {', '.join(GROUP_OPTIONS)}")
+            ok, expected = GROUP_OPTIONS[k]
+            if not isinstance(v, (int, float)) or not ok(v):
+                raise ConfigError(f"optim.groups.{name}.{k}: got {v!r}, expected {expected}")
 
 
 def save_config(cfg: DictConfig, path) -> None:

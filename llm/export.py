@@ -28,13 +28,13 @@ FORMATS = ("native", "hf")
 def export(run_dir: str, out_dir: str, tag: str = None, fmt: str = "native") -> str:
     """Write the export; returns its format (native, or the HF model_type)."""
     from llm.checkpoint import find_latest, load_model
-    from llm.data import load_tokenizer
+    from llm.eval import run_tokenizer
     from llm.files import write_json
 
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r}: expected one of {', '.join(FORMATS)}")
     model, cfg = load_model(run_dir, tag)
-    tokenizer = load_tokenizer(cfg.data.path)  # fail before writing anything
+    tokenizer = run_tokenizer(run_dir, cfg)  # fail before writing anything
     record = {"run_dir": os.path.abspath(run_dir), "tag": tag or find_latest(os.path.join(run_dir, "checkpoints")),
               "data_path": cfg.data.path, "seq_len": cfg.data.seq_len}
     fields = OmegaConf.to_container(cfg.model, resolve=True)

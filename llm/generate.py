@@ -4,6 +4,7 @@
 lm-eval adapter decodes greedily with it (temperature 0), passing its stop strings as `stop`.
 """
 import argparse
+import sys
 from typing import Callable
 
 import torch
@@ -56,20 +57,37 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     return new
 
 
+def at_least(lo: float, kind=int):
+    """An argparse type: a number of `kind` that is >= lo."""
+    def parse(text: str):
+        value = kind(text)
+        if not value >= lo:  # also rejects nan
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} >= {lo}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m llm generate", formatter_class=HelpFormatter,
                                 description="Sample a continuation from a run's newest checkpoint or an export directory.")
     p.add_argument("run_dir", help="run directory (train.out_dir) or export directory (python -m llm export)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate at most (EOS ends earlier)")
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0: greedy")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same text on any device)")
+    p.add_argument("--max-new-tokens", type=at_least(0), default=50,
+                   help="tokens to generate at most (EOS ends earlier); past the trained context "
+                        "(data.seq_len) a warning is printed and decoding goes on (quality may drop)")
+    p.add_argument("--temperature", type=at_least(0.0, float), default=0.8, help="softmax temperature; 0: greedy")
+    p.add_argument("--top-k", type=at_least(0), default=50, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="sampling seed (the same text on any device)")
     p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
     a = p.parse_args(argv)
     from llm.eval import decode_continuation, load_run
 
-    model, _, tok, _ = load_run(a.run_dir, a.tag)
+    model, cfg, tok, _ = load_run(a.run_dir, a.tag)
     prompt = tok.encode(a.prompt)
+    if len(prompt) + a.max_new_tokens > cfg.data.seq_len:
+        print(f"warning: the prompt ({len(prompt)} tokens) plus --max-new-tokens {a.max_new_tokens} is past the "
+              f"{cfg.data.seq_len} tokens the model was trained on (data.seq_len); the text beyond them is "
+              f"extrapolation", file=sys.stderr)
     [new] = generate(model, [prompt], a.max_new_tokens, a.temperature, a.top_k, tok.eos_id, a.seed)
     print(a.prompt + decode_continuation(tok, prompt, new))

@@ -1,4 +1,5 @@
-"""Run logs written by rank 0: JSONL record files (metrics.jsonl, telemetry.jsonl) and the console.
+"""Run logs written by rank 0: JSONL record files (metrics.jsonl, telemetry.jsonl), the console
+and wandb (one wandb run per run directory, continued by resumed jobs and evaluations).
 
 Every JSONL record has a `step`. A resumed run trains and measures again the steps after its
 checkpoint, so `JsonlLog` drops the records a crashed run wrote past the step it resumes from; a
@@ -6,6 +7,8 @@ fresh run (start step 0) starts the file over.
 """
 import json
 import os
+import sys
+import uuid
 
 from omegaconf import OmegaConf
 
@@ -28,8 +31,59 @@ class JsonlLog:
                 f.writelines(json.dumps(r) + "\n" for r in records)
 
 
+WANDB_ID = os.path.join("wandb", "run_id")  # in the run directory: the wandb run its jobs and evaluations log to
+
+
+def wandb_key(key: str) -> str:
+    """A metrics.jsonl key as wandb shows it: val_loss -> val/loss, loss -> train/loss; keys that are
+    already grouped (erank_qk/layer0) stay."""
+    if "/" in key:
+        return key
+    return "val/" + key[len("val_"):] if key.startswith("val_") else "train/" + key
+
+
+def open_wandb(cfg, run_dir: str, continue_run: bool):
+    """The wandb run of a run directory (files under RUN_DIR/wandb/). With `continue_run` (a resumed
+    job, an evaluation) it continues the run whose id RUN_DIR/wandb/run_id holds, so a requeued
+    job is one curve; otherwise it starts a new run and records its id there."""
+    import wandb
+
+    path = os.path.join(run_dir, WANDB_ID)
+    if continue_run and os.path.isfile(path):
+        with open(path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = uuid.uuid4().hex[:12]  # hex digits: valid wandb run ids
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_atomic(path, run_id)
+    return wandb.init(project=cfg.logging.project, name=cfg.logging.run_name, dir=run_dir,
+                      mode=cfg.logging.wandb, id=run_id, resume="allow",
+                      config=OmegaConf.to_container(cfg, resolve=True))
+
+
+def log_eval_results(cfg, run_dir: str, results: dict) -> None:
+    """Add evaluation results ({name: result}) to the summary of the run directory's wandb run, as
+    eval/<name>/<key path> for every number; nothing if training logged no wandb run."""
+    if cfg.logging.wandb == "disabled" or not os.path.isfile(os.path.join(run_dir, WANDB_ID)):
+        return
+    run = open_wandb(cfg, run_dir, continue_run=True)
+    run.summary.update(dict(_numbers(results, "eval")))
+    run.finish()
+
+
+def _numbers(node, prefix: str):
+    """(key path, value) of every number in nested dicts (lists and text left out)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _numbers(v, f"{prefix}/{k}")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield prefix, node
+
+
 class MetricsLog:
-    """Rank 0: metrics.jsonl, console progress bar, wandb (offline unless configured)."""
+    """Rank 0: metrics.jsonl, console, wandb (offline unless configured). The console gets a tqdm
+    progress bar only on a terminal: in a log file its redrawn frames would pile up, and the
+    plain line of every log step (`echo`) already tells the progress."""
 
     def __init__(self, cfg, out_dir: str, start_step: int, max_steps: int, active: bool):
         self.active = active
@@ -37,19 +91,16 @@ class MetricsLog:
         self.bar = self.wandb = None
         if not active:
             return
-        if cfg.logging.progress:
+        if cfg.logging.progress and sys.stderr.isatty():  # where tqdm draws
             from tqdm import tqdm
             self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
         if cfg.logging.wandb != "disabled":
-            import wandb
-            self.wandb = wandb.init(project=cfg.logging.project, name=cfg.logging.run_name,
-                                    dir=out_dir, mode=cfg.logging.wandb, resume="allow",
-                                    config=OmegaConf.to_container(cfg, resolve=True))
+            self.wandb = open_wandb(cfg, out_dir, continue_run=start_step > 0)
 
     def write(self, record: dict) -> None:
         self.file.append([record])
         if self.active and self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self.wandb.log({wandb_key(k): v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def echo(self, text: str) -> None:
         if self.active:

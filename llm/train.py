@@ -212,6 +212,7 @@ def _check_inputs(cfg):
     from llm.budget import resolve_max_steps
     from llm.data import TokenShards
 
+    _absolute_paths(cfg)
     max_steps, budget_info = resolve_max_steps(cfg)
     OmegaConf.update(cfg, "train.max_steps", max_steps)
     train_data, val_data = TokenShards(cfg.data.path, "train"), TokenShards(cfg.data.path, "val")
@@ -221,9 +222,22 @@ def _check_inputs(cfg):
     return budget_info, train_data, val_data, checkpoint.find_resume(cfg)
 
 
-def _write_run_dir(cfg, out_dir: str, group_rows: list) -> None:
+def _absolute_paths(cfg) -> None:
+    """Paths the config holds relative to this job's working directory, made absolute, so that the
+    saved config (and the run directory with it) means the same from anywhere."""
+    paths = ["data.path", "train.out_dir"] + ([] if cfg.train.resume in ("none", "auto") else ["train.resume"])
+    for key in paths:
+        OmegaConf.update(cfg, key, os.path.abspath(OmegaConf.select(cfg, key)))
+
+
+def _write_run_dir(cfg, out_dir: str, group_rows: list, train_data) -> None:
+    """config.yaml, param_groups.json and a copy of the data's tokenizer: the run directory alone
+    is enough to generate, evaluate and export."""
+    from llm.data.shards import TOKENIZER_FILE, copy_file, tokenizer_path
+
     os.makedirs(out_dir, exist_ok=True)
     save_config(cfg, os.path.join(out_dir, "config.yaml"))
+    copy_file(tokenizer_path(cfg.data.path, train_data.meta), os.path.join(out_dir, TOKENIZER_FILE))
     with open(os.path.join(out_dir, "param_groups.json"), "w") as f:
         json.dump(group_rows, f, indent=1)
 
@@ -259,7 +273,7 @@ def setup(cfg, job_start: float, stop: StopSignal) -> Run:
     state = checkpoint.resume(engine, source) if source else TrainState()
     out_dir = os.path.abspath(t.out_dir)
     if rank == 0:
-        _write_run_dir(cfg, out_dir, group_rows)
+        _write_run_dir(cfg, out_dir, group_rows, train_data)
     loader = WindowLoader(train_data, d.seq_len, t.seed, t.global_batch_size, t.max_steps, d.bi_induct)
     log = MetricsLog(cfg, out_dir, state.step, t.max_steps, active=rank == 0)
     telemetry = TelemetryLog(out_dir, state.step, active=rank == 0)

@@ -87,3 +87,79 @@ def test_includes_fall_back_to_the_config_root(tmp_path, monkeypatch):
 def test_the_model_and_optimizer_do_not_import_the_config_loader():
     code = "import sys, llm.model, llm.optim, llm.ops.attention, llm.flops; assert 'llm.config' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.weight_decay=-1", ">= 0"),
+    ("optim.grad_clip=-1", ">= 0"),
+    ("optim.betas=[1.0,0.95]", "0 <= beta < 1"),
+    ("optim.betas=[0.9,-0.1]", "0 <= beta < 1"),
+    ("optim.betas=[0.9]", "[beta1, beta2]"),
+    ("optim.min_lr_ratio=1.5", "0 <= value <= 1"),
+    ("optim.lr=inf", "> 0"),
+    ("optim.lr=nan", "> 0"),
+    ("optim.lr=0", "> 0"),
+    ("optim.eps=0", "> 0"),
+    ("optim.warmup_steps=-1", ">= 0"),
+    ("optim.decay_fraction=0", "0 < value <= 1"),
+    ("optim.groups.qk.weight_decay=-0.1", ">= 0"),
+    ("optim.groups.qk.lr_scale=0", "> 0"),
+    ("model.mlp_hidden=0", "> 0, or null"),
+    ("model.init_std=0", "> 0"),
+    ("model.rope_theta=-1", "> 0"),
+    ("model.norm_eps=0", "> 0"),
+    ("model.vocab_size=0", "> 0"),
+    ("model.kernels=cuda", "auto, torch, fla"),
+    ("eval.windows=-1", "(0 = the whole val split)"),
+    ("train.dist_timeout=0", "seconds > 0"),
+    ("train.time_limit=0", "seconds > 0, or null"),
+    ("train.seed=-1", ">= 0"),
+    ("train.z_loss=-1", ">= 0"),
+    ("data.bi_induct.seed=-1", ">= 0"),
+    ("data.bi_induct.rate=1", "0 <= value < 1"),
+    ("logging.peak_flops=0", "> 0, or null"),
+])
+def test_out_of_range_values_name_the_key_and_the_range(override, expected):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/quickstart.yaml", [override])
+    assert str(e.value).startswith(f"{key}: got ") and expected in str(e.value)
+
+
+def test_boundary_values_still_load():
+    cfg = load_config("configs/quickstart.yaml", [
+        "eval.windows=0", "optim.weight_decay=0", "optim.grad_clip=0", "optim.betas=[0,0.999]",
+        "optim.min_lr_ratio=1", "optim.warmup_steps=0", "train.seed=0", "train.time_limit=null",
+        "model.mlp_hidden=null"])
+    assert cfg.eval.windows == 0 and list(cfg.optim.betas) == [0, 0.999]
+
+
+def test_mixer_args_of_an_unused_mixer_is_an_error():
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/quickstart.yaml", ["model.mixer_args.mesa.cg_steps=3"])
+    assert "model.mixer_args.mesa" in str(e.value) and "layers use: softmax" in str(e.value)
+    hybrid = ["model.layer_pattern=[gated_deltanet,softmax]", "model.mixer_args.gated_deltanet.expand_v=1"]
+    assert load_config("configs/quickstart.yaml", hybrid).model.mixer_args.gated_deltanet.expand_v == 1
+    with pytest.raises(ConfigError, match="layers use: gated_deltanet, softmax"):
+        load_config("configs/quickstart.yaml", hybrid + ["model.mixer_args.pdssm.state_size=4"])
+    # build_model itself takes options of mixers it does not use (a shared set of defaults)
+    build_model({"vocab_size": 50, "d_model": 32, "n_layers": 1, "n_heads": 2, "mixer_args": {"mesa": {}}})
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lr=[1,2", "not valid YAML"),
+    ("optim.betas={a: 1", "not valid YAML"),
+    ("train..max_steps=3", "non-empty names"),
+    ("train.=3", "non-empty names"),
+    ("=3", "non-empty names"),
+])
+def test_malformed_overrides_name_themselves(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/quickstart.yaml", [override])
+    assert f"override {override!r}" in str(e.value) and expected in str(e.value)
+    assert "allowed here" not in str(e.value)
+
+
+def test_overrides_apply_in_order():
+    cfg = load_config("configs/quickstart.yaml", ["optim.betas=[0.8,0.9]", "optim.lr=1e-4", "optim.betas=[0.5,0.6]"])
+    assert list(cfg.optim.betas) == [0.5, 0.6] and cfg.optim.lr == 1e-4

@@ -59,3 +59,13 @@ def test_bad_prompts_fail_early(model):
         generate(model, [[]], 4)
     with pytest.raises(ValueError, match="equal lengths"):
         generate(model, [[1, 2], [3]], 4)
+
+
+@pytest.mark.parametrize("flag, value", [("--max-new-tokens", "-1"), ("--temperature", "-0.5"), ("--top-k", "-3"),
+                                         ("--temperature", "nan"), ("--seed", "-1")])
+def test_the_cli_refuses_negative_sampling_arguments(flag, value, capsys):
+    from llm.generate import main
+
+    with pytest.raises(SystemExit):  # before it looks for the run directory
+        main(["no/such/run", "--prompt", "x", flag, value])
+    assert f"argument {flag}: expected " in capsys.readouterr().err

@@ -33,7 +33,17 @@ def load_run(run_dir: str, tag: str | None = None, device="cpu"):
         return model.to(device), cfg, load_tokenizer(run_dir), record.get("tag")
     model, cfg = load_model(run_dir, tag)
     tag = tag or find_latest(os.path.join(run_dir, "checkpoints"))
-    return model.to(device), cfg, load_tokenizer(cfg.data.path), tag
+    return model.to(device), cfg, run_tokenizer(run_dir, cfg), tag
+
+
+def run_tokenizer(run_dir: str, cfg):
+    """The run directory's own copy of its tokenizer (written by training), else its data's (runs
+    made before the copy existed)."""
+    from llm.data import load_tokenizer
+    from llm.data.shards import TOKENIZER_FILE
+
+    own = os.path.join(run_dir, TOKENIZER_FILE)
+    return load_tokenizer(own if os.path.isfile(own) else cfg.data.path)
 
 
 def device_of(model) -> torch.device:

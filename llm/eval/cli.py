@@ -10,6 +10,7 @@ import torch
 
 from llm import HelpFormatter
 from llm.eval import format_table, load_run, save_result, token_losses
+from llm.logs import log_eval_results
 
 
 def parse(argv):
@@ -172,8 +173,11 @@ def main(argv=None):
     a = parse(argv)
     model, cfg, tok, tag = load_run(a.run_dir, a.tag, a.device)
     print(f"{a.run_dir} @ {tag}: layers {[b.mixer.name for b in model.blocks]}")
+    results = {}
     for name, wanted, run in [("ppl", a.ppl, run_ppl), ("harness", a.tasks, run_harness),
                               ("icl", a.icl, run_icl), ("induction", a.induction, run_induction)]:
         if wanted:
             print(f"\n== {name} ==")
-            print(f"wrote {save_result(a.run_dir, name, run(a, model, cfg, tok, tag))}")
+            results[name] = run(a, model, cfg, tok, tag)
+            print(f"wrote {save_result(a.run_dir, name, results[name])}")
+    log_eval_results(cfg, a.run_dir, results)  # to the run's wandb run, if it has one

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from llm.model.mixers import MIXERS
-from llm.schema import ConfigError, typed_merge
+from llm.schema import ConfigError, check, one_of, optional, positive, typed_merge
 
 KERNELS = ("auto", "torch", "fla")
 
@@ -86,12 +86,18 @@ def model_spec(model_cfg, prefix: str = "model.") -> ModelSpec:
         tie_embeddings=m.tie_embeddings, kernels=m.kernels, layers=tuple((n, args[n]) for n in names))
 
 
+SHAPE = {
+    "kernels": one_of(*KERNELS),
+    **{key: positive("an integer") for key in ("vocab_size", "d_model", "n_layers", "n_heads")},
+    "mlp_hidden": optional(positive("an integer")),
+    "rope_theta": positive(),
+    "norm_eps": positive(),
+    "init_std": positive(),
+}
+
+
 def _check_shape(m: DictConfig, prefix: str) -> None:
-    if m.kernels not in KERNELS:
-        raise ConfigError(f"{prefix}kernels: got {m.kernels!r}, expected one of {', '.join(KERNELS)}")
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads"):
-        if m[key] <= 0:
-            raise ConfigError(f"{prefix}{key}: expected a positive integer, got {m[key]}")
+    check(m, SHAPE, prefix)
     if m.d_model % m.n_heads:
         raise ConfigError(f"{prefix}d_model={m.d_model} is not divisible by {prefix}n_heads={m.n_heads}")
     if m.n_kv_heads is not None and (m.n_kv_heads <= 0 or m.n_heads % m.n_kv_heads):
