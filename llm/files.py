@@ -14,7 +14,8 @@ import shutil
 def atomic_path(path: str):
     """Yield a temporary path beside `path`; when the block succeeds, what was written there (a
     file, or a directory where `path` does not exist yet) replaces `path`; when it fails, it is
-    removed and `path` is untouched."""
+    removed and `path` is untouched. A file gets the mode `open` would give it (0666 less the
+    umask), whatever the writer chose (safetensors writes 0600)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     remove(tmp)  # left by a crashed process that had our pid
     try:
@@ -22,10 +23,17 @@ def atomic_path(path: str):
         if os.path.isfile(tmp):
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         remove(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: str, data) -> None:

@@ -8,6 +8,8 @@ from typing import Callable
 
 import torch
 
+from llm.checkpoint import add_trust_argument
+
 
 def next_tokens(logits, temperature: float, top_k: int | None, generator: torch.Generator) -> list[int]:
     """One token per row of logits [B, V]: the argmax at temperature 0 or top-k 1, otherwise a draw
@@ -63,10 +65,11 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
+    add_trust_argument(p)
     a = p.parse_args(argv)
     from llm.eval import decode_continuation, load_run
 
-    model, _, tok, _ = load_run(a.run_dir, a.tag)
+    model, _, tok, _ = load_run(a.run_dir, a.tag, trust=a.trust_checkpoint)
     prompt = tok.encode(a.prompt)
     [new] = generate(model, [prompt], a.max_new_tokens, a.temperature, a.top_k, tok.eos_id, a.seed)
     print(a.prompt + decode_continuation(tok, prompt, new))

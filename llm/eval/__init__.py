@@ -14,14 +14,13 @@ import torch.nn.functional as F
 from llm.files import write_json
 
 
-def load_run(run_dir: str, tag: str | None = None, device="cpu"):
+def load_run(run_dir: str, tag: str | None = None, device="cpu", trust: bool = False):
     """(model in eval mode on `device`, resolved config, tokenizer of its data, checkpoint tag) of a
-    run directory's given checkpoint, or its newest complete one."""
+    run directory's given checkpoint, or its newest complete one (`trust`: see --trust-checkpoint)."""
     from llm.data import load_tokenizer
-    from llm.checkpoint import find_latest, load_model
+    from llm.checkpoint import load_checkpoint
 
-    model, cfg = load_model(run_dir, tag)
-    tag = tag or find_latest(os.path.join(run_dir, "checkpoints"))
+    model, cfg, tag = load_checkpoint(run_dir, tag, trust)
     return model.to(device), cfg, load_tokenizer(cfg.data.path), tag
 
 

@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from llm.checkpoint import add_trust_argument
 from llm.eval import format_table, load_run, save_result, token_losses
 
 
@@ -15,6 +16,7 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="python -m llm eval", description="Evaluate a trained run.")
     p.add_argument("run_dir")
     p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
+    add_trust_argument(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, help="context length (default: the run's data.seq_len)")
@@ -167,7 +169,7 @@ def run_induction(a, model, cfg, tok, tag) -> dict:
 
 def main(argv=None):
     a = parse(argv)
-    model, cfg, tok, tag = load_run(a.run_dir, a.tag, a.device)
+    model, cfg, tok, tag = load_run(a.run_dir, a.tag, a.device, a.trust_checkpoint)
     print(f"{a.run_dir} @ {tag}: layers {[b.mixer.name for b in model.blocks]}")
     for name, wanted, run in [("ppl", a.ppl, run_ppl), ("harness", a.tasks, run_harness),
                               ("icl", a.icl, run_icl), ("induction", a.induction, run_induction)]:
