@@ -265,3 +265,38 @@ def test_disk_full_mid_save_removes_the_partial_tag(config, workdir):
     assert not (after / checkpoint.tag_for(4)).exists()
     assert checkpoint.verify(after, checkpoint.tag_for(2)) is None
     assert list(metrics(run)) == [1, 2, 3, 4]  # the log (on another filesystem) is whole
+
+
+ONE_RANK_FULL = """
+import errno, os
+if os.environ.get("RANK") == "1":
+    import torch
+    save = torch.save
+
+    def save_or_fail(obj, path, *args, **kwargs):  # only this rank's disk fills up, at step 4
+        if str(path).endswith("step_00000004/zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return save(obj, path, *args, **kwargs)
+
+    torch.save = save_or_fail
+"""
+
+
+def test_a_save_failing_on_one_rank_fails_every_rank_at_once(config, workdir):
+    """Rank 1's save raises ENOSPC (patched in through a sitecustomize) while rank 0 has written
+    its files and waits in DeepSpeed's last barrier: both end with the error, no collective hangs."""
+    site = workdir / "one_rank_full_site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(ONE_RANK_FULL)
+    run = workdir / "one_rank_full"
+    env = clean_env(NPROC_PER_NODE=2, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    launched = Launch([str(ROOT / "launch" / "torchrun.sh"), str(config), f"train.out_dir={run}", "train.ckpt_every=2"],
+                      workdir / "one_rank_full.log", env)
+    assert launched.wait() != 0
+    out, tag_dir = launched.output(), run / "checkpoints" / checkpoint.tag_for(4)
+    end = f"; removed the partial checkpoint (newest complete one: {checkpoint.tag_for(2)})"
+    assert f"[rank1]: llm.checkpoint.CheckpointError: saving checkpoint {tag_dir} failed: no space left on device{end}" in out
+    assert f"[rank0]: llm.checkpoint.CheckpointError: saving checkpoint {tag_dir} failed: failed on another rank{end}" in out
+    assert "timed out" not in out.lower() and "timeout" not in out.lower(), out[-5000:]  # dist_timeout never hit
+    assert not tag_dir.exists() and checkpoint.newest_verified(run / "checkpoints") == (checkpoint.tag_for(2), [])
+    assert list(metrics(run)) == [1, 2, 3, 4]
