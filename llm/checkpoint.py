@@ -186,11 +186,13 @@ def safe_load(path: str, trust: bool = False, mmap: bool = False):
         with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        found = re.search(r"WeightsUnpickler error: (.*)", str(e))
+        found = (re.search(r"GLOBAL (\S+) was not an allowed global", str(e))  # the name alone
+                 or re.search(r"WeightsUnpickler error: ([^\n]*)", str(e)))
+        what = found.group(1).strip() if found else str(e)
         raise CheckpointError(
             f"{path}: refused to load: it pickles something other than tensors and DeepSpeed's checkpoint types "
-            f"({found.group(1).strip() if found else e}); unpickling it could run code. If you trust where it "
-            f"came from, pass --trust-checkpoint (train.trust_checkpoint=true for training)") from None
+            f"({what}); unpickling it could run code. If you trust where it came from, pass --trust-checkpoint "
+            f"(train.trust_checkpoint=true for training)") from None
 
 
 def check_safe(tag_dir: str, trust: bool) -> None:

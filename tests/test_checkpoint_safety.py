@@ -171,7 +171,7 @@ def test_pickled_code_is_refused_by_name(straight, config, workdir):
     path = plant_payload(run, marker)
     before = {p: p.read_bytes() for p in sorted((run / "checkpoints").rglob("*")) if p.is_file()}
     metrics_before = (run / "metrics.jsonl").read_text()
-    refused = f"{path}: refused to load: it pickles something other than tensors and DeepSpeed's checkpoint types"
+    refused = f"{path}: refused to load: it pickles something other than tensors and DeepSpeed's checkpoint types (io.open)"
     for args in (["generate", run, "--prompt", "The"], ["export", run, "--out", workdir / "hostile_export"],
                  ["eval", run, "--ppl"], ["train", config, f"train.out_dir={run}", "train.resume=auto"]):
         rc, out = run_cli(*args)
