@@ -90,6 +90,9 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_last: int = 2
     resume: str = "none"  # none | auto | path to a checkpoint tag directory
+    # Load checkpoint files that pickle more than tensors and DeepSpeed's own types (unpickling runs
+    # their code): only for checkpoints from a trusted source.
+    trust_checkpoint: bool = False
     zero_stage: int = 1
     seed: int = 1234
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16

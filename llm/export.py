@@ -1,5 +1,5 @@
-"""`python -m llm export RUN_DIR --out DIR [--tag TAG] [--format native|hf]`: a checkpoint as a
-self-contained model directory.
+"""`python -m llm export RUN_DIR --out DIR [--tag TAG] [--format native|hf] [--force]`: a checkpoint
+as a self-contained model directory.
 
 native (default): `model.safetensors` (fp32 weights consolidated from any ZeRO stage and rank
 count, our parameter names), `config.json` (the model fields, for `build_model`, plus the
@@ -7,6 +7,8 @@ count, our parameter names), `config.json` (the model fields, for `build_model`,
 hf: what stock `transformers` loads (`AutoModelForCausalLM` / `AutoTokenizer`): Llama or Qwen3
 for softmax models, fla's formats for DeltaNet / Gated DeltaNet / Mesa, a `trust_remote_code`
 bundle otherwise (see llm.hf).
+Files are written atomically with the umask's mode; a DIR that already has files is refused
+unless `force`.
 
 `load_exported(DIR)` builds the model of either back; `load_hf_softmax(DIR)` reads a Llama / Qwen3
 checkpoint (ours or not) as a state dict for `build_model`, to start training from it.
@@ -20,31 +22,37 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_model as load_weights, save_model
 
 from llm import HelpFormatter, hf
+from llm.checkpoint import add_trust_argument
+from llm.files import atomic_path, write_json
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
 FORMATS = ("native", "hf")
 
 
-def export(run_dir: str, out_dir: str, tag: str = None, fmt: str = "native") -> str:
+def export(run_dir: str, out_dir: str, tag: str = None, fmt: str = "native", force: bool = False,
+           trust: bool = False) -> str:
     """Write the export; returns its format (native, or the HF model_type)."""
-    from llm.checkpoint import find_latest, load_model
+    from llm.checkpoint import load_checkpoint
     from llm.eval import run_tokenizer
-    from llm.files import write_json
 
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    model, cfg = load_model(run_dir, tag)
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        raise FileExistsError(f"export --out {out_dir}: the directory already has files "
+                              f"({', '.join(sorted(os.listdir(out_dir))[:5])}); pass --force to overwrite them")
+    model, cfg, tag = load_checkpoint(run_dir, tag, trust)
     tokenizer = run_tokenizer(run_dir, cfg)  # fail before writing anything
-    record = {"run_dir": os.path.abspath(run_dir), "tag": tag or find_latest(os.path.join(run_dir, "checkpoints")),
-              "data_path": cfg.data.path, "seq_len": cfg.data.seq_len}
+    record = {"run_dir": os.path.abspath(run_dir), "tag": tag, "data_path": cfg.data.path,
+              "seq_len": cfg.data.seq_len}
     fields = OmegaConf.to_container(cfg.model, resolve=True)
     os.makedirs(out_dir, exist_ok=True)
     if fmt == "hf":
         return hf.export_hf(model, fields, out_dir, tokenizer, cfg.data.seq_len, record)
-    # save_model, unlike save_file, stores tensors the model shares (a tied head) once.
-    save_model(model, os.path.join(out_dir, WEIGHTS))
+    with atomic_path(os.path.join(out_dir, WEIGHTS)) as tmp:
+        save_model(model, tmp)  # unlike save_file, stores tensors the model shares (a tied head) once
     write_json(os.path.join(out_dir, CONFIG), {**fields, hf.RECORD: record})
-    shutil.copyfile(tokenizer.path, os.path.join(out_dir, TOKENIZER))
+    with atomic_path(os.path.join(out_dir, TOKENIZER)) as tmp:
+        shutil.copyfile(tokenizer.path, tmp)
     return "native"
 
 
@@ -115,6 +123,8 @@ def main(argv=None):
     p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
     p.add_argument("--format", choices=FORMATS, default="native",
                    help="native: our names, for `build_model`; hf: loadable by `transformers`")
+    p.add_argument("--force", action="store_true", help="write into an --out directory that already has files")
+    add_trust_argument(p)
     a = p.parse_args(argv)
-    fmt = export(a.run_dir, a.out, a.tag, a.format)
+    fmt = export(a.run_dir, a.out, a.tag, a.format, a.force, a.trust_checkpoint)
     print(f"exported {a.run_dir} to {a.out} ({fmt}): {', '.join(sorted(os.listdir(a.out)))}")

@@ -19,7 +19,8 @@ def atomic_path(path: str):
     A directory cannot be renamed over an existing one, so an existing directory `path` is first
     renamed aside to `path.old.<pid>`, the new one renamed into place, then the old one removed: a
     crash between the two renames leaves the old directory whole at `path.old.<pid>`, never a
-    half-written `path`."""
+    half-written `path`. A file gets the mode `open` would give it (0666 less the umask),
+    whatever the writer chose (safetensors writes 0600)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     remove(tmp)  # left by a crashed process that had our pid
     try:
@@ -27,6 +28,7 @@ def atomic_path(path: str):
         if os.path.isfile(tmp):
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
         _replace(tmp, path)
     except BaseException:
         remove(tmp)
@@ -42,6 +44,12 @@ def _replace(tmp: str, path: str) -> None:
         remove(old)
     else:
         os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: str, data) -> None:

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from llm import HelpFormatter
+from llm.checkpoint import add_trust_argument
 
 
 def next_tokens(logits, temperature: float, top_k: int | None, generator: torch.Generator) -> list[int]:
@@ -80,10 +81,11 @@ def main(argv=None):
     p.add_argument("--top-k", type=at_least(0), default=50, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--seed", type=at_least(0), default=0, help="sampling seed (the same text on any device)")
     p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
+    add_trust_argument(p)
     a = p.parse_args(argv)
     from llm.eval import decode_continuation, load_run
 
-    model, cfg, tok, _ = load_run(a.run_dir, a.tag)
+    model, cfg, tok, _ = load_run(a.run_dir, a.tag, trust=a.trust_checkpoint)
     prompt = tok.encode(a.prompt)
     if len(prompt) + a.max_new_tokens > cfg.data.seq_len:
         print(f"warning: the prompt ({len(prompt)} tokens) plus --max-new-tokens {a.max_new_tokens} is past the "

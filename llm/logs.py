@@ -21,9 +21,24 @@ class JsonlLog:
     def __init__(self, path: str, start_step: int, active: bool = True):
         self.path, self.active = path, active
         if active and os.path.isfile(path):
-            with open(path) as f:
-                keep = [line for line in f if start_step and line.strip() and json.loads(line)["step"] <= start_step]
+            keep = [line for line, record in self._records() if start_step and record["step"] <= start_step]
             write_atomic(path, "".join(keep))
+
+    def _records(self) -> list:
+        """(line, record) of each line; a partial last line (the writer was killed mid-append) is
+        dropped with a notice, a bad line elsewhere is an error naming it."""
+        with open(self.path) as f:
+            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+        out = []
+        for n, line in lines:
+            try:
+                out.append((line if line.endswith("\n") else line + "\n", json.loads(line)))
+            except json.JSONDecodeError as e:
+                if n != lines[-1][0]:
+                    raise ValueError(f"{self.path}: line {n} is not JSON ({e})") from None
+                print(f"note: {self.path}: dropped a partial last line (a run killed while writing it): "
+                      f"{line.strip()[:80]!r}", flush=True)
+        return out
 
     def append(self, records: list[dict]) -> None:
         if self.active and records:

@@ -64,6 +64,18 @@ def test_jsonl_log_keeps_records_up_to_the_resumed_step(tmp_path):
     assert path.read_text() == ""
 
 
+def test_jsonl_log_drops_a_partial_last_line_only(tmp_path, capsys):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')  # killed mid-append
+    JsonlLog(str(path), start_step=5)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert f"note: {path}: dropped a partial last line" in capsys.readouterr().out
+    path.write_text('{"step": 1}\n{"step": 2, \n{"step": 3}\n')  # damaged elsewhere: not ours to drop
+    with pytest.raises(ValueError, match=f"{path}: line 2 is not JSON"):
+        JsonlLog(str(path), start_step=5)
+    assert path.read_text() == '{"step": 1}\n{"step": 2, \n{"step": 3}\n'
+
+
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
                                         ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
                                         ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("Some New GPU", None)])

@@ -165,7 +165,8 @@ def test_find_latest_trusts_only_complete_tags(tmp_path):
         (root / checkpoint.tag_for(step) / checkpoint.COMPLETE).write_text(json.dumps({"step": step}))
     (root / checkpoint.tag_for(6)).mkdir()  # crashed mid-save
     (root / (checkpoint.tag_for(4) + checkpoint.UNIVERSAL)).mkdir()
-    for latest, expected in [(checkpoint.tag_for(2), 2), (checkpoint.tag_for(6), 4),
+    # `latest` naming an older complete tag (a run resumed from it) must not hide the newer one
+    for latest, expected in [(checkpoint.tag_for(2), 4), (checkpoint.tag_for(6), 4),
                              (checkpoint.tag_for(4) + checkpoint.UNIVERSAL, 4), ("../elsewhere", 4)]:
         (root / "latest").write_text(latest)
         assert checkpoint.find_latest(root) == checkpoint.tag_for(expected), latest

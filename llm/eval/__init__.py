@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from llm.files import write_json
 
 
-def load_run(run_dir: str, tag: str | None = None, device="cpu"):
+def load_run(run_dir: str, tag: str | None = None, device="cpu", trust: bool = False):
     """(model in eval mode on `device`, resolved config, tokenizer, checkpoint tag) of a run
     directory's given checkpoint (or its newest complete one), or of an export directory (`python
     -m llm export`, native or hf; its config has the model, the seq_len it was trained on and, where
-    known, data.path; `tag` must be None)."""
-    from llm.checkpoint import find_latest, load_model
+    known, data.path; `tag` must be None). `trust`: see --trust-checkpoint."""
+    from llm.checkpoint import load_checkpoint
     from llm.config import build_config
     from llm.data import load_tokenizer
     from llm.export import is_export, load_exported_with_record
@@ -31,8 +31,7 @@ def load_run(run_dir: str, tag: str | None = None, device="cpu"):
         data = {"path": record.get("data_path") or run_dir, "seq_len": record["seq_len"]}
         cfg = build_config({"model": fields, "data": data})
         return model.to(device), cfg, load_tokenizer(run_dir), record.get("tag")
-    model, cfg = load_model(run_dir, tag)
-    tag = tag or find_latest(os.path.join(run_dir, "checkpoints"))
+    model, cfg, tag = load_checkpoint(run_dir, tag, trust)
     return model.to(device), cfg, run_tokenizer(run_dir, cfg), tag
 
 

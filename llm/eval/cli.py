@@ -9,6 +9,7 @@ import os
 import torch
 
 from llm import HelpFormatter
+from llm.checkpoint import add_trust_argument
 from llm.eval import format_table, load_run, save_result, token_losses
 from llm.logs import log_eval_results
 
@@ -19,6 +20,7 @@ def parse(argv):
     p.add_argument("run_dir", help="run directory (train.out_dir) or export directory (python -m llm export); "
                                    "results go to its eval/")
     p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
+    add_trust_argument(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
     p.add_argument("--seq-len", type=int, help="context length (default: the run's data.seq_len)")
@@ -171,7 +173,7 @@ def run_induction(a, model, cfg, tok, tag) -> dict:
 
 def main(argv=None):
     a = parse(argv)
-    model, cfg, tok, tag = load_run(a.run_dir, a.tag, a.device)
+    model, cfg, tok, tag = load_run(a.run_dir, a.tag, a.device, a.trust_checkpoint)
     print(f"{a.run_dir} @ {tag}: layers {[b.mixer.name for b in model.blocks]}")
     results = {}
     for name, wanted, run in [("ppl", a.ppl, run_ppl), ("harness", a.tasks, run_harness),
