@@ -85,6 +85,10 @@ class TrainConfig:
     eval_every: int = 100
     ckpt_every: int = 500
     keep_last: int = 2
+    keep_best: bool = True  # pruning keeps the checkpoint with the best held-out loss too
+    skip_nonfinite: int = 0  # non-finite steps (update skipped) tolerated before the run stops
+    spike_window: int = 50  # loss-spike detector: steps of loss history
+    spike_zscore: float = 6.0  # a step's loss this many std above the window's mean is a spike (0: off)
     resume: str = "none"  # none | auto | path to a checkpoint tag directory
     zero_stage: int = 1
     seed: int = 1234
@@ -207,6 +211,12 @@ def validate(cfg: DictConfig) -> None:
             f"train.micro_batch_size={t.micro_batch_size}")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage: got {t.zero_stage}, expected 0, 1, 2 or 3")
+    if t.skip_nonfinite < 0 or t.spike_window < 2 or t.spike_zscore < 0:
+        raise ConfigError(f"train.skip_nonfinite >= 0, train.spike_window >= 2 and train.spike_zscore >= 0 expected, "
+                          f"got {t.skip_nonfinite}, {t.spike_window}, {t.spike_zscore}")
+    if t.skip_nonfinite and t.zero_stage == 0:
+        raise ConfigError("train.skip_nonfinite needs train.zero_stage >= 1: only DeepSpeed's ZeRO optimizers "
+                          "skip the update of a step with a non-finite gradient norm")
     if t.stop_at_step is not None and not 0 < t.stop_at_step <= t.max_steps:
         raise ConfigError(f"train.stop_at_step={t.stop_at_step}: expected 1..train.max_steps ({t.max_steps})")
     if not (t.resume in ("none", "auto") or os.path.isdir(t.resume)):
