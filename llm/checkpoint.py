@@ -234,7 +234,7 @@ def _load_keeping_hyperparameters(engine, ckpt_dir: str, tag: str) -> dict:
     for g, hyper, lr in zip(engine.optimizer.param_groups, ours, lrs):
         g.update(hyper, lr=lr)
     scheduler._last_lr = lrs
-    for state in engine.optimizer.optimizer.state.values():
+    for state in getattr(engine.optimizer, "optimizer", engine.optimizer).state.values():  # ZeRO-0: unwrapped
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
     return client
@@ -243,14 +243,16 @@ def _load_keeping_hyperparameters(engine, ckpt_dir: str, tag: str) -> dict:
 def optimizer_changes(saved_config: dict, cfg) -> list[str]:
     """`key old -> new` for the optimizer settings (optim.*, and train.max_steps, the schedule's
     length) where the config differs from the checkpoint's."""
-    def flat(node, prefix):
-        if isinstance(node, dict):
-            return {k: v for key, sub in node.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
-        return {prefix: node}
-    ours = OmegaConf.to_container(cfg, resolve=True)
-    theirs = {**flat(saved_config.get("optim", {}), "optim"), "train.max_steps": saved_config.get("train", {}).get("max_steps")}
-    mine = {**flat(ours["optim"], "optim"), "train.max_steps": ours["train"]["max_steps"]}
-    return [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if saved_config and theirs.get(k) != v]
+    def settings(config: dict) -> dict:
+        def flat(node, prefix):
+            if isinstance(node, dict):
+                return {k: v for key, sub in node.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
+            return {prefix: node}
+        return {**flat(config.get("optim", {}), "optim"), "train.max_steps": config.get("train", {}).get("max_steps")}
+    if not saved_config:
+        return []
+    theirs, ours = settings(saved_config), settings(OmegaConf.to_container(cfg, resolve=True))
+    return [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in ours.items() if theirs.get(k) != v]
 
 
 def resolve_resume(resume: str, ckpt_root: str):

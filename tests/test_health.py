@@ -227,3 +227,16 @@ def test_lock_refuses_a_live_or_foreign_holder_and_takes_over_a_dead_ones(tmp_pa
     with pytest.raises(RunDirLocked, match=f"pid {dead.pid} on elsewhere"):
         RunLock(str(run)).acquire()
     assert json.loads((run / LOCK).read_text())["host"] == "elsewhere"  # not ours to remove
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_a_terminal_stops_torchrun_ranks_cleanly(workdir, config):
+    run = workdir / "torchrun_ctrl_c"
+    job = launch(config, run, "train.max_steps=5000", "eval.final=false", nproc=2, new_session=True)
+    wait_for(lambda: logged_steps(run) >= 2, "two logged steps")
+    os.killpg(job.proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: to its foreground process group
+    assert job.wait() == 0, job.output()[-3000:]
+    step = int(checkpoint.find_latest(run / "checkpoints").removeprefix("step_"))
+    assert f"stopping at step {step}: signal SIGINT" in job.output()
+    assert checkpoint.commit_record(run / "checkpoints", checkpoint.tag_for(step))["world_size"] == 2
+    assert list(metrics(run)) == list(range(1, step + 1))
