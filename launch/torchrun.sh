@@ -35,7 +35,9 @@ launcher=
 trap 'pkill -USR1 -P "$launcher" || true' USR1  # the ranks are torchrun's children
 trap 'pkill -TERM -P "$launcher" || true' TERM
 trap 'pkill -INT -P "$launcher" || true' INT
-export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT
+# torchrun's own signal handlers: not for TERM / USR1 / INT (older torch reads the first variable;
+# newer ones overwrite it from --signals-to-handle, whose default the second sets)
+export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT PET_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT
 (trap '' TERM USR1 INT; exec torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" "${rdzv[@]}" \
   -m llm train "$@") &
 launcher=$!

@@ -51,8 +51,11 @@ def strict_records(run_dir):
 @pytest.mark.slow
 def test_divergence_keeps_the_best_checkpoint(workdir, config):
     run = workdir / "diverge"  # the LR warms up to 3.0: the held-out loss climbs after the start
-    train(config, run, "optim.lr=3.0", "optim.warmup_steps=24", "train.max_steps=24", "train.ckpt_every=4",
-          "train.eval_every=4", "train.keep_last=2", nproc=1)
+    out = train(config, run, "optim.lr=3.0", "optim.warmup_steps=24", "train.max_steps=24", "train.ckpt_every=4",
+                "train.eval_every=4", "train.keep_last=2", "train.spike_window=5", "train.spike_zscore=3", nproc=1)
+    # the loss jumps from ~6.5 to 7.5 and 9.8 at steps 7 and 8: spikes over the 5 steps before each
+    assert {s for s, r in metrics(run).items() if r.get("loss_spikes")} == {7, 8}
+    assert "loss spike at step 7: loss 7.5" in out and "std above the mean of the previous 5 steps" in out
     val = {s: r["val_loss"] for s, r in metrics(run).items() if s % 4 == 0}
     best = min(val, key=val.get)
     print("held-out loss at the checkpoints:", val)
