@@ -243,3 +243,12 @@ def test_ctrl_c_at_a_terminal_stops_torchrun_ranks_cleanly(workdir, config):
     assert f"stopping at step {step}: signal SIGINT" in job.output()
     assert checkpoint.commit_record(run / "checkpoints", checkpoint.tag_for(step))["world_size"] == 2
     assert list(metrics(run)) == list(range(1, step + 1))
+
+
+def test_health_settings_are_checked_at_load():
+    from llm.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="train.skip_nonfinite needs train.zero_stage >= 1"):
+        build_config({"train": {"skip_nonfinite": 2, "zero_stage": 0}})
+    with pytest.raises(ConfigError, match="train.spike_window >= 2"):
+        build_config({"train": {"spike_window": 1}})
