@@ -13,9 +13,11 @@
 # Preemption: SIGTERM or SIGUSR1 to this script (or to all its processes, as Slurm sends them)
 # reaches every local rank, which checkpoints at the next step boundary and exits 0. torchrun
 # itself ignores both: it would die on SIGUSR1, and answer SIGTERM by killing the ranks 30 s later.
+# Ctrl-C (SIGINT to this script, or to the terminal's foreground group: the ranks are in a session of
+# their own) goes the same way: the first checkpoints and exits, a second aborts.
 set -euo pipefail
 if [ $# -lt 1 ]; then
-  sed -n '2,15p' "$0"; exit 2
+  sed -n '2,17p' "$0"; exit 2
 fi
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')
@@ -32,8 +34,11 @@ fi
 launcher=
 trap 'pkill -USR1 -P "$launcher" || true' USR1  # the ranks are torchrun's children
 trap 'pkill -TERM -P "$launcher" || true' TERM
-export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
-(trap '' TERM USR1; exec torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" "${rdzv[@]}" \
+trap 'pkill -INT -P "$launcher" || true' INT
+# torchrun's own signal handlers: not for TERM / USR1 / INT (older torch reads the first variable;
+# newer ones overwrite it from --signals-to-handle, whose default the second sets)
+export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT PET_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT
+(trap '' TERM USR1 INT; exec torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" "${rdzv[@]}" \
   -m llm train "$@") &
 launcher=$!
 while kill -0 "$launcher" 2>/dev/null; do

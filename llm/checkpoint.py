@@ -8,11 +8,13 @@ returns the `TrainState`.
 
 Layout under `<out_dir>/checkpoints/`: one directory per tag (`step_00000100`), written by
 DeepSpeed on every rank; once all ranks are done, rank 0 writes `<tag>/complete.json` (the commit
-record: step, world size, ZeRO stage, global batch, model config and every file's size and CRC-32)
-and then atomically replaces `latest` (kept for DeepSpeed's tools; we read the newest complete tag
-instead). A crash mid-save leaves a tag without `complete.json`, which `find_latest` ignores; a tag
-about to be rewritten loses its `complete.json` first; `train.resume=auto` takes the newest tag
-whose files match their record (`verify`), saying which newer ones it skipped and why.
+record: step, world size, ZeRO stage, global batch, model config, the step's held-out loss and
+every file's size and CRC-32) and then atomically replaces `latest` (kept for DeepSpeed's tools; we
+read the newest complete tag instead). A crash mid-save leaves a tag without `complete.json`, which
+`find_latest` ignores; a tag about to be rewritten loses its `complete.json` first;
+`train.resume=auto` takes the newest tag whose files match their record (`verify`), saying which
+newer ones it skipped and why. Pruning keeps the newest train.keep_last complete tags and, with
+train.keep_best, the newest one of the lowest held-out loss.
 
 Checkpoint files are pickles, and unpickling runs code: every file is first opened with
 `torch.load(weights_only=True)` and the allowlist `safe_globals()` (the types DeepSpeed 0.19.8 writes
@@ -29,6 +31,7 @@ import contextlib
 import errno
 import glob
 import json
+import math
 import os
 import pickle
 import random
@@ -92,14 +95,16 @@ def ckpt_root(cfg) -> str:
 
 # --- the commit record (complete.json): written by `save`, read by `commit_record` -------------
 
-def _commit_record(cfg, step: int, world_size: int) -> dict:
+def _commit_record(cfg, step: int, world_size: int, val_loss=None) -> dict:
+    finite_val = val_loss if val_loss is not None and math.isfinite(val_loss) else None
     return {"step": step, "world_size": world_size, "zero_stage": cfg.train.zero_stage,
             "global_batch_size": cfg.train.global_batch_size,
-            "model": OmegaConf.to_container(cfg.model, resolve=True)}
+            "model": OmegaConf.to_container(cfg.model, resolve=True), "val_loss": finite_val}
 
 
 def commit_record(ckpt_root: str, tag: str) -> dict:
     """The `complete.json` of a tag: step, world_size, zero_stage, global_batch_size, model, and
+    val_loss (the held-out loss at that step; null, or absent in older records, if not measured) and
     files (path in the tag -> {"size", "crc32"}; absent in records written before checksums)."""
     with open(os.path.join(ckpt_root, tag, COMPLETE)) as f:
         return json.load(f)
@@ -278,10 +283,9 @@ def _save_shards(engine, root: str, tag: str, client: dict) -> None:
                           f"(newest complete one: {find_latest(root)})") from error
 
 
-def save(engine, cfg, state: TrainState) -> str:
-    """Save on every rank; each rank checksums the files it wrote; commit (complete.json, then
-    `latest`) on rank 0 once all ranks are done; then drop all but the newest train.keep_last
-    complete tags (with their universal copies)."""
+def save(engine, cfg, state: TrainState, val_loss=None) -> str:
+    """Save on every rank; each rank checksums the files it wrote; commit (complete.json, with the
+    step's held-out loss if measured, then `latest`) on rank 0 once all ranks are done; then prune."""
     import torch.distributed as dist
 
     root, tag = ckpt_root(cfg), tag_for(state.step)
@@ -295,16 +299,29 @@ def save(engine, cfg, state: TrainState) -> str:
     dist.all_gather_object(digests, _digest_own_files(os.path.join(root, tag), dist.get_rank()))
     if dist.get_rank() == 0:
         files = dict(sorted(kv for d in digests for kv in d.items()))
-        record = {**_commit_record(cfg, state.step, dist.get_world_size()), "files": files}
+        record = {**_commit_record(cfg, state.step, dist.get_world_size(), val_loss), "files": files}
         write_atomic(os.path.join(root, tag, COMPLETE), json.dumps(record, indent=1))
         write_atomic(os.path.join(root, "latest"), tag)
-        for old in complete_tags(root)[:-cfg.train.keep_last]:
-            # The marker goes first, so a half-deleted tag is never taken for a checkpoint.
-            os.remove(os.path.join(root, old, COMPLETE))
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-            shutil.rmtree(os.path.join(root, old + UNIVERSAL), ignore_errors=True)
+        prune(root, cfg.train.keep_last, cfg.train.keep_best)
     dist.barrier()
     return tag
+
+
+def best_tag(ckpt_root: str):
+    """The newest complete tag of the lowest held-out loss in its commit record, or None."""
+    scored = [(record["val_loss"], tag) for tag in reversed(complete_tags(ckpt_root))
+              if (record := commit_record(ckpt_root, tag)).get("val_loss") is not None]
+    return min(scored, key=lambda vt: vt[0])[1] if scored else None  # min keeps the first: the newest
+
+
+def prune(ckpt_root: str, keep_last: int, keep_best: bool) -> None:
+    """Drop all complete tags (with their universal copies) but the newest `keep_last` and, with
+    `keep_best`, the best (best_tag): a diverging run never prunes away its last good checkpoint."""
+    tags = complete_tags(ckpt_root)
+    keep = set(tags[-keep_last:]) | ({best_tag(ckpt_root)} if keep_best else set())
+    for old in tags:
+        if old not in keep:
+            _uncommit(ckpt_root, old)  # the marker first: a half-deleted tag is never taken for a checkpoint
 
 
 @dataclass
@@ -316,6 +333,7 @@ class ResumeSource:
     trust: bool = False  # train.trust_checkpoint: load without the safe-unpickling check
     skipped: list = field(default_factory=list)  # why each newer complete tag was not taken
     reshard: bool = False  # saved by another world size: load its universal copy
+    changes: tuple = ()  # optimizer settings of the config that differ from the checkpoint's (set by resume)
 
     @property
     def load_tag(self) -> str:
@@ -324,6 +342,8 @@ class ResumeSource:
     def describe(self, step: int) -> str:
         return (f"resumed from {os.path.join(self.ckpt_root, self.load_tag)} at step {step}"
                 + (f" (saved by {self.record['world_size']} ranks)" if self.reshard else "")
+                + (f"; optimizer settings from the config, changed since the checkpoint: {', '.join(self.changes)}"
+                   if self.changes else "")
                 + "".join(f"\n  {s}" for s in self.skipped))
 
 
@@ -365,32 +385,54 @@ def prepare_reshard(source, rank: int, world: int) -> None:
     source.reshard = True
 
 
-def resume(engine, source: ResumeSource) -> TrainState:
-    """Load the checkpoint into the engine (built with load_universal=source.reshard) and restore
-    the RNG states; the training state to continue from."""
-    if source.reshard:
-        client = _load_universal(engine, source.ckpt_root, source.load_tag)
-    else:
-        client = engine.load_checkpoint(source.ckpt_root, source.tag)[1]
+def resume(engine, source: ResumeSource, cfg=None) -> TrainState:
+    """Load the checkpoint into the engine (built with load_universal=source.reshard; the optimizer
+    hyperparameters stay those it was built with: `cfg`'s, whose changes go to source.changes) and
+    restore the RNG states; the training state to continue from."""
+    client = _load_keeping_hyperparameters(engine, source.ckpt_root, source.load_tag)
+    if cfg is not None:
+        source.changes = tuple(optimizer_changes(client.get("config", {}), cfg))
     _set_rng_state(client["rng"])
     g = source.record["global_batch_size"]
     return TrainState(client["global_sample"] // g, client["global_sample"])
 
 
-def _load_universal(engine, ckpt_dir: str, tag: str) -> dict:
-    """engine.load_checkpoint of a universal checkpoint; returns the client state.
+def _load_keeping_hyperparameters(engine, ckpt_dir: str, tag: str) -> dict:
+    """engine.load_checkpoint, the optimizer's hyperparameters kept as the engine was built (from
+    the config); returns the client state.
 
-    DeepSpeed 0.19's ZeRO-3 universal load gives every param group the first one's hyperparameters
-    (weight decay, lr) and all of them one shared Adam step tensor, which each group's update then
-    advances: put back each group's own hyperparameters, at the resumed schedule's lr, and step."""
-    hyper = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    DeepSpeed restores the saved param groups (lr, weight decay, betas, eps) and the LR scheduler's
+    base LRs, so a resume with a lowered optim.lr would go on at the old one (and its ZeRO-3
+    universal load even gives every group the first one's values and all of them one shared Adam
+    step tensor). Each group gets back its own values, at its config peak LR times the config's
+    schedule at the resumed step, and its own step tensor."""
+    ours = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     _, client = engine.load_checkpoint(ckpt_dir, tag)
-    for g, ours, lr in zip(engine.optimizer.param_groups, hyper, engine.lr_scheduler.get_last_lr()):
-        g.update(ours, lr=lr)
-    for state in engine.optimizer.optimizer.state.values():
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [g["initial_lr"] for g in ours]
+    lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for g, hyper, lr in zip(engine.optimizer.param_groups, ours, lrs):
+        g.update(hyper, lr=lr)
+    scheduler._last_lr = lrs
+    for state in getattr(engine.optimizer, "optimizer", engine.optimizer).state.values():  # ZeRO-0: unwrapped
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
     return client
+
+
+def optimizer_changes(saved_config: dict, cfg) -> list[str]:
+    """`key old -> new` for the optimizer settings (optim.*, and train.max_steps, the schedule's
+    length) where the config differs from the checkpoint's."""
+    def settings(config: dict) -> dict:
+        def flat(node, prefix):
+            if isinstance(node, dict):
+                return {k: v for key, sub in node.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
+            return {prefix: node}
+        return {**flat(config.get("optim", {}), "optim"), "train.max_steps": config.get("train", {}).get("max_steps")}
+    if not saved_config:
+        return []
+    theirs, ours = settings(saved_config), settings(OmegaConf.to_container(cfg, resolve=True))
+    return [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in ours.items() if theirs.get(k) != v]
 
 
 def resolve_resume(resume: str, ckpt_root: str):

@@ -89,6 +89,10 @@ class TrainConfig:
     eval_every: int = 100
     ckpt_every: int = 500
     keep_last: int = 2
+    keep_best: bool = True  # pruning keeps the checkpoint with the best held-out loss too
+    skip_nonfinite: int = 0  # non-finite steps (update skipped) tolerated before the run stops
+    spike_window: int = 50  # loss-spike detector: steps of loss history
+    spike_zscore: float = 6.0  # a step's loss this many std above the window's mean is a spike (0: off)
     resume: str = "none"  # none | auto | path to a checkpoint tag directory
     # Load checkpoint files that pickle more than tensors and DeepSpeed's own types (unpickling runs
     # their code): only for checkpoints from a trusted source.
@@ -157,6 +161,9 @@ CONSTRAINTS = {
     "train.dtype": one_of("auto", "fp32", "bf16"),
     "train.z_loss": at_least(0),
     "train.dist_timeout": positive("seconds"),
+    "train.skip_nonfinite": at_least(0, "an integer"),
+    "train.spike_window": at_least(2, "an integer"),
+    "train.spike_zscore": at_least(0, "a number", " (0: off)"),
     "eval.windows": at_least(0, "an integer", " (0 = the whole val split)"),
     "logging.log_every": positive("an integer"),
     "logging.wandb": one_of("offline", "online", "disabled"),
@@ -247,6 +254,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={t.micro_batch_size}")
+    if t.skip_nonfinite and t.zero_stage == 0:
+        raise ConfigError("train.skip_nonfinite needs train.zero_stage >= 1: only DeepSpeed's ZeRO optimizers "
+                          "skip the update of a step with a non-finite gradient norm")
     if t.stop_at_step is not None and not 0 < t.stop_at_step <= t.max_steps:
         raise ConfigError(f"train.stop_at_step={t.stop_at_step}: expected 1..train.max_steps ({t.max_steps})")
     if not (t.resume in ("none", "auto") or os.path.isdir(t.resume)):

@@ -4,8 +4,13 @@ and wandb (one wandb run per run directory, continued by resumed jobs and evalua
 Every JSONL record has a `step`. A resumed run trains and measures again the steps after its
 checkpoint, so `JsonlLog` drops the records a crashed run wrote past the step it resumes from; a
 fresh run (start step 0) starts the file over.
+
+The files are strict JSON, which has no NaN or infinity: such a value is written as null and named,
+with its value as a string, under the record's `nonfinite` key, e.g. `"loss": null, "grad_norm":
+null, "nonfinite": {"loss": "nan", "grad_norm": "inf"}` (nested values by dotted path).
 """
 import json
+import math
 import os
 import sys
 import uuid
@@ -13,6 +18,23 @@ import uuid
 from omegaconf import OmegaConf
 
 from llm.files import write_atomic
+
+
+def strict_json(record: dict) -> dict:
+    """`record` with each non-finite float replaced by None and listed under "nonfinite"."""
+    nonfinite = {}
+
+    def clean(value, path):
+        if isinstance(value, float) and not math.isfinite(value):
+            nonfinite[path] = str(value)
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{path}.{k}" if path else k) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{path}.{i}") for i, v in enumerate(value)]
+        return value
+    cleaned = clean(record, "")
+    return {**cleaned, "nonfinite": nonfinite} if nonfinite else cleaned
 
 
 class JsonlLog:
@@ -43,7 +65,7 @@ class JsonlLog:
     def append(self, records: list[dict]) -> None:
         if self.active and records:
             with open(self.path, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
+                f.writelines(json.dumps(strict_json(r), allow_nan=False) + "\n" for r in records)
 
 
 WANDB_ID = os.path.join("wandb", "run_id")  # in the run directory: the wandb run its jobs and evaluations log to

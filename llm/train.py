@@ -6,8 +6,10 @@ G / (micro_batch_size * world_size). Checkpoints carry that position, the RNG st
 config, and `train.resume=auto` continues a run exactly where its last checkpoint left it.
 
 `setup` checks the inputs, builds the engine and resumes into a `Run`; `train` is the loop, where
-each concern (stopping, logging, evaluation, checkpoints) is one object that decides for itself
-whether this step is its turn.
+each concern (stopping, health, logging, evaluation, checkpoints) is one object that decides for
+itself whether this step is its turn. Rank 0 holds the run directory's lock (llm.runlock) for the
+whole job. A non-finite loss or gradient norm ends the run with `Diverged` (llm.health) without
+checkpointing that state.
 """
 import json
 import math
@@ -24,29 +26,39 @@ from llm.checkpoint import TrainState
 from llm.config import ConfigError, save_config
 from llm.engine import build_engine, forward, lm_loss, resolve_dtype, train_step
 from llm.flops import mfu, peak_flops, train_flops_per_token
+from llm.health import Diverged, NonFiniteGuard, SpikeDetector
 from llm.logs import MetricsLog
+from llm.runlock import RunLock
 from llm.telemetry import TelemetryLog
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (preemption) ask every rank to checkpoint at the next step boundary."""
+    """SIGTERM / SIGUSR1 (preemption) and a first Ctrl-C (SIGINT) ask every rank to checkpoint at
+    the next step boundary; a second Ctrl-C aborts at once (KeyboardInterrupt; what was committed stays)."""
 
     def __init__(self):
-        self.received = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self.received, self.interrupts = None, 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt("a second Ctrl-C: aborted without a checkpoint of the steps since the last one")
+            if os.environ.get("RANK", "0") == "0":
+                print("Ctrl-C: checkpointing at the next step boundary, then exiting (again to abort)", flush=True)
         self.received = signal.Signals(signum).name
 
 
 class Stopper:
     """Whether this job ends after a step: train.stop_at_step, a signal on any rank, or too little
     time left for a few more steps and a checkpoint before the earliest time limit
-    (train.time_limit, or the Slurm job's end, asked once by rank 0; the flags are all-reduced)."""
+    (train.time_limit, or the Slurm job's end, asked once by rank 0); or, as an error, a non-finite
+    step on any rank that the guard does not let pass. The flags are all-reduced once per step."""
 
-    def __init__(self, cfg, job_start: float, stop: StopSignal, rank: int):
-        self.stop_at, self.signal, self.longest_step = cfg.train.stop_at_step, stop, 0.0
+    def __init__(self, cfg, job_start: float, stop: StopSignal, rank: int, guard: NonFiniteGuard):
+        self.stop_at, self.signal, self.guard, self.longest_step = cfg.train.stop_at_step, stop, guard, 0.0
         limits = {f"train.time_limit={cfg.train.time_limit}s": job_start + cfg.train.time_limit} \
             if cfg.train.time_limit else {}
         slurm_left = distributed.slurm_time_left() if rank == 0 else None
@@ -54,12 +66,17 @@ class Stopper:
             limits["the Slurm job's time limit"] = time.time() + slurm_left
         self.limit, self.deadline = min(limits.items(), key=lambda kv: kv[1], default=(None, math.inf))
 
-    def reason(self, step_done: int, step_seconds: float, save_seconds: float):
-        """Why to stop after `step_done` (collective: every rank calls it each step), or None."""
+    def reason(self, step_done: int, step_seconds: float, save_seconds: float, stats: dict):
+        """Why to stop after `step_done` (collective: every rank calls it each step), or None: a
+        string for a clean stop (checkpoint, exit 0), a `Diverged` error for a failed step."""
         self.longest_step = max(self.longest_step, step_seconds)
         flags = [float(self.signal.received is not None),
-                 float(time.time() + 3 * self.longest_step + save_seconds > self.deadline)]
-        signalled, out_of_time = distributed.all_reduce(flags, op="max")
+                 float(time.time() + 3 * self.longest_step + save_seconds > self.deadline),
+                 self.guard.local_flag(stats)]
+        signalled, out_of_time, nonfinite = distributed.all_reduce(flags, op="max")
+        failure = self.guard.judge(step_done, stats) if nonfinite else None
+        if failure:
+            return failure
         if step_done == self.stop_at:
             return f"train.stop_at_step={self.stop_at}"
         if signalled:
@@ -70,15 +87,16 @@ class Stopper:
 
 
 class Checkpointer:
-    """Saves every train.ckpt_every steps and at the last step; times its saves for the Stopper."""
+    """Saves every train.ckpt_every steps and at the last step (with the step's held-out loss, if
+    measured, for pruning's train.keep_best); times its saves for the Stopper."""
 
     def __init__(self, cfg, engine, log: MetricsLog):
         self.cfg, self.engine, self.log, self.longest_save = cfg, engine, log, 0.0
 
-    def maybe_save(self, state: TrainState, last: bool) -> None:
+    def maybe_save(self, state: TrainState, last: bool, val_loss=None) -> None:
         if state.step % self.cfg.train.ckpt_every == 0 or last:
             start = time.time()
-            self.log.echo(f"checkpoint {checkpoint.save(self.engine, self.cfg, state)}")
+            self.log.echo(f"checkpoint {checkpoint.save(self.engine, self.cfg, state, val_loss=val_loss)}")
             self.longest_save = max(self.longest_save, time.time() - start)
 
 
@@ -100,9 +118,17 @@ def evaluate(engine, windows: torch.Tensor, micro: int, rank: int, world: int, e
     return total / count
 
 
+def perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:  # a diverged run's held-out loss
+        return math.inf
+
+
 class Evaluator:
     """Held-out loss and the attention products' ranks (all in telemetry.jsonl; layer means in the
-    metrics) every train.eval_every steps, and at the end with eval.final."""
+    metrics) every train.eval_every steps, and at the end with eval.final; with train.keep_best,
+    the held-out loss alone on the other checkpoint steps too (their commit records carry it)."""
 
     def __init__(self, cfg, engine, val_windows, telemetry: TelemetryLog, rank: int, world: int, eos_id):
         self.cfg, self.engine, self.val, self.telemetry = cfg, engine, val_windows, telemetry
@@ -111,28 +137,37 @@ class Evaluator:
     def due(self, step: int, last: bool) -> bool:
         return step % self.cfg.train.eval_every == 0 or (last and self.cfg.eval.final)
 
-    def run(self, step: int) -> dict:
+    def held_out(self) -> dict:
         val_loss = evaluate(self.engine, self.val, self.cfg.train.micro_batch_size, self.rank, self.world,
                             self.eos_id)
-        return {"val_loss": val_loss, "val_ppl": math.exp(val_loss), **self.telemetry.write(self.engine.module, step)}
+        return {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+
+    def run(self, step: int) -> dict:
+        return {**self.held_out(), **self.telemetry.write(self.engine.module, step)}
 
     def maybe_eval(self, step: int, last: bool) -> dict:
-        return self.run(step) if self.due(step, last) else {}
+        if self.due(step, last):
+            return self.run(step)
+        t = self.cfg.train
+        return self.held_out() if t.keep_best and step % t.ckpt_every == 0 else {}
 
 
 class Reporter:
     """Training metrics over the steps since the last log line (every logging.log_every steps and
-    at the last; timed before any evaluation of the step), to metrics.jsonl, wandb and the console."""
+    at the last; timed before any evaluation of the step), to metrics.jsonl, wandb and the console.
+    Loss spikes (of rank 0's own loss, step by step) are echoed and counted in `loss_spikes`."""
 
     def __init__(self, cfg, engine, loader, schedule, log: MetricsLog, world: int):
         self.cfg, self.engine, self.loader, self.schedule = cfg, engine, loader, schedule
         self.log, self.world = log, world
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_flops(cfg.logging.peak_flops)  # None on CPU: no MFU
+        self.spikes = SpikeDetector(cfg.train.spike_window, cfg.train.spike_zscore)
         self._restart_window()
 
     def _restart_window(self) -> None:
         self.window_start, self.window_steps, self.ce_sum, self.z_sum = time.time(), 0, 0.0, 0.0
+        self.window_spikes = 0
 
     def initial(self, metrics: dict) -> dict:
         """Log the evaluation before training (fresh runs with eval.final)."""
@@ -145,6 +180,11 @@ class Reporter:
         """Add this step's losses to the window; its training metrics on log steps, else {}."""
         self.window_steps += 1
         self.ce_sum, self.z_sum = self.ce_sum + stats["ce"], self.z_sum + stats["z"]
+        z = self.spikes.observe(stats["ce"])
+        if z is not None:
+            self.window_spikes += 1
+            self.log.echo(f"loss spike at step {step_done}: loss {stats['ce']:.4f} is {z:.1f} std above the mean "
+                          f"of the previous {self.cfg.train.spike_window} steps")
         self.log.progress(1, loss=f"{stats['last_ce']:.3f}")
         return self._train_record(step_done) if step_done % self.cfg.logging.log_every == 0 or last else {}
 
@@ -163,7 +203,8 @@ class Reporter:
         t, seq_len, n = self.cfg.train, self.cfg.data.seq_len, self.window_steps
         mean_ce, mean_z = distributed.all_reduce([self.ce_sum / n, self.z_sum / n])
         tokens_per_s = n * t.global_batch_size * seq_len / (time.time() - self.window_start)
-        lr = self.cfg.optim.lr * self.schedule(step_done - 1)  # the step just trained
+        # the step just trained; the scheduler's count (DeepSpeed does not advance it on a skipped step)
+        lr = self.cfg.optim.lr * self.schedule(self.engine.lr_scheduler.last_epoch - 1)
         record = {"step": step_done, "loss": mean_ce / self.world, "lr": lr,
                   "grad_norm": float(self.engine.get_global_grad_norm() or 0.0), "tokens_per_s": tokens_per_s,
                   "mfu": mfu(self.flops_per_token, tokens_per_s, self.peak, self.world),
@@ -174,6 +215,8 @@ class Reporter:
                           bi_induct_token_fraction=rewrite["token_fraction"], bi_induct_snippets=rewrite["snippets"])
         if t.z_loss:
             record["z_loss"] = mean_z / self.world
+        if self.window_spikes:
+            record["loss_spikes"] = self.window_spikes
         return record
 
     def _line(self, r: dict) -> str:
@@ -219,7 +262,22 @@ def _check_inputs(cfg):
     if train_data.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of {cfg.data.path} has "
                           f"{train_data.vocab_size} tokens: set model.vocab_size={train_data.vocab_size}")
-    return budget_info, train_data, val_data, checkpoint.find_resume(cfg)
+    source = checkpoint.find_resume(cfg)
+    if source:
+        _check_continues(cfg, source)
+    return budget_info, train_data, val_data, source
+
+
+def _check_continues(cfg, source) -> None:
+    """A resumed run must have steps left to train: the loop would otherwise do nothing, or run past
+    a train.stop_at_step it never meets."""
+    step, where = source.record["step"], os.path.join(source.ckpt_root, source.tag)
+    if step > cfg.train.max_steps:
+        raise ConfigError(f"train.max_steps={cfg.train.max_steps} is before the checkpoint's step {step} ({where}): "
+                          f"raise train.max_steps, or resume an earlier checkpoint with train.resume=<tag directory>")
+    if cfg.train.stop_at_step is not None and cfg.train.stop_at_step <= step:
+        raise ConfigError(f"train.stop_at_step={cfg.train.stop_at_step} is not after the checkpoint's step {step} "
+                          f"({where}): expected {step + 1}..train.max_steps")
 
 
 def _absolute_paths(cfg) -> None:
@@ -270,7 +328,7 @@ def setup(cfg, job_start: float, stop: StopSignal) -> Run:
     model = build_model(cfg.model)
     reshard = bool(source and source.reshard)
     engine, group_rows, schedule = build_engine(cfg, model, world, t.max_steps, load_universal=reshard)
-    state = checkpoint.resume(engine, source) if source else TrainState()
+    state = checkpoint.resume(engine, source, cfg) if source else TrainState()
     out_dir = os.path.abspath(t.out_dir)
     if rank == 0:
         _write_run_dir(cfg, out_dir, group_rows, train_data)
@@ -280,7 +338,8 @@ def setup(cfg, job_start: float, stop: StopSignal) -> Run:
     val = eval_windows(val_data, d.seq_len, cfg.eval.windows)
     eos_id = train_data.eos_id if d.doc_mask else None
     run = Run(cfg=cfg, engine=engine, loader=loader, state=state, accum=engine.gradient_accumulation_steps(),
-              eos_id=eos_id, rank=rank, world=world, log=log, stopper=Stopper(cfg, job_start, stop, rank),
+              eos_id=eos_id, rank=rank, world=world, log=log,
+              stopper=Stopper(cfg, job_start, stop, rank, NonFiniteGuard(t.skip_nonfinite, engine, log)),
               reporter=Reporter(cfg, engine, loader, schedule, log, world),
               evaluator=Evaluator(cfg, engine, val, telemetry, rank, world, eos_id),
               checkpointer=Checkpointer(cfg, engine, log), out_dir=out_dir)
@@ -291,7 +350,11 @@ def setup(cfg, job_start: float, stop: StopSignal) -> Run:
 def train(cfg) -> dict:
     job_start, stop = time.time(), StopSignal()  # a preemption signal during setup still counts
     distributed.prepare_env()
-    run = setup(cfg, job_start, stop)
+    with RunLock(cfg.train.out_dir, active=os.environ["RANK"] == "0"):  # before anything is written there
+        return _loop(cfg, setup(cfg, job_start, stop))
+
+
+def _loop(cfg, run: Run) -> dict:
     result = {"start_step": run.state.step}
     if run.state.step == 0 and cfg.eval.final:
         result.update(run.reporter.initial(run.evaluator.run(0)))
@@ -300,12 +363,16 @@ def train(cfg) -> dict:
         step_start = time.time()
         stats = train_step(run.engine, run.micro_batch(step), run.accum, cfg.train.z_loss, run.eos_id)
         run.state = TrainState.at(step + 1, cfg.train.global_batch_size)
-        stop_reason = run.stopper.reason(run.state.step, time.time() - step_start, run.checkpointer.longest_save)
+        stop_reason = run.stopper.reason(run.state.step, time.time() - step_start, run.checkpointer.longest_save,
+                                         stats)
         last = run.state.step == cfg.train.max_steps or stop_reason is not None
         metrics = run.reporter.maybe_summarize(run.state.step, last, stats)
+        if isinstance(stop_reason, Diverged):
+            run.reporter.write(run.state.step, metrics)
+            break  # no evaluation or checkpoint of a non-finite state
         metrics.update(run.evaluator.maybe_eval(run.state.step, last))
         result.update(run.reporter.write(run.state.step, metrics))
-        run.checkpointer.maybe_save(run.state, last)
+        run.checkpointer.maybe_save(run.state, last, metrics.get("val_loss"))
         if stop_reason:
             run.log.echo(f"stopping at step {run.state.step}: {stop_reason}; resume with train.resume=auto")
             break
@@ -313,10 +380,24 @@ def train(cfg) -> dict:
 
 
 def _finish(run: Run, result: dict, stop_reason) -> dict:
+    failed = isinstance(stop_reason, Diverged)
+    if failed:
+        run.log.echo(f"stopping at step {run.state.step}: {stop_reason}")
     run.log.close()
     result.update(step=run.state.step, stopped=stop_reason, out_dir=run.out_dir)
-    if run.rank == 0 and "val_loss" in result:
+    if run.rank == 0 and "val_loss" in result and not failed:
         print(f"final held-out loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f} "
               f"(step {run.state.step}, run dir {run.out_dir})", flush=True)
     distributed.teardown()
+    if failed:  # on every rank: the job exits non-zero
+        raise Diverged(f"step {run.state.step}: {stop_reason}; {_rollback_hint(run.cfg)}")
     return result
+
+
+def _rollback_hint(cfg) -> str:
+    root = checkpoint.ckpt_root(cfg)
+    tag = checkpoint.find_latest(root)
+    if tag is None:
+        return "no checkpoint of this run was committed"
+    return (f"no checkpoint of this state was saved; the newest is {os.path.join(root, tag)}: continue from it "
+            f"with a lower learning rate, e.g. train.resume=auto optim.lr={cfg.optim.lr / 10:g}")

@@ -55,10 +55,11 @@ class Launch:
     """A launched command, its output appended to `log`. Every launch is killed at kill_all()."""
     live: list["Launch"] = []
 
-    def __init__(self, cmd: list, log: Path, env: dict):
+    def __init__(self, cmd: list, log: Path, env: dict, new_session: bool = False):
         self.log = log
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        with open(log, "ab") as out:  # new_session: its own process group, as a terminal's foreground job
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                         start_new_session=new_session)
         Launch.live.append(self)
 
     def wait(self, timeout: float = TIMEOUT) -> int:
@@ -94,7 +95,8 @@ def kill_all() -> None:
         Launch.live.pop().kill()
 
 
-def launch(config, run_dir: Path, *overrides, nproc: int = 2, log: Path = None, **env) -> Launch:
+def launch(config, run_dir: Path, *overrides, nproc: int = 2, log: Path = None, new_session: bool = False,
+           **env) -> Launch:
     """Train `config` into `run_dir`: launch/torchrun.sh with `nproc` ranks, or plain python for 1."""
     if nproc > 1:
         cmd = [str(ROOT / "launch" / "torchrun.sh")]
@@ -102,7 +104,7 @@ def launch(config, run_dir: Path, *overrides, nproc: int = 2, log: Path = None, 
     else:
         cmd = [sys.executable, "-m", "llm", "train"]
     cmd += [str(config), f"train.out_dir={run_dir}", *overrides]
-    return Launch(cmd, log or run_dir.with_name(run_dir.name + ".log"), clean_env(**env))
+    return Launch(cmd, log or run_dir.with_name(run_dir.name + ".log"), clean_env(**env), new_session)
 
 
 def train(config, run_dir: Path, *overrides, nproc: int = 2, **env) -> str:
