@@ -96,7 +96,8 @@ def test_skip_nonfinite_tolerates_that_many_steps_then_stops(workdir, config):
 @pytest.mark.slow
 def test_nan_from_the_first_step_commits_nothing(workdir, config):
     run = workdir / "nan"
-    out = failed(config, run, "model.norm_eps=-1")  # rsqrt of a negative: NaN from the first forward
+    # a valid but absurd RoPE base: the rotary frequencies overflow, NaN from the first forward
+    out = failed(config, run, "model.rope_theta=1e-300")
     assert "stopping at step 1: non-finite loss or gradient norm (loss nan on this rank, grad_norm inf)" in out
     assert "no checkpoint of this run was committed" in out
     assert checkpoint.complete_tags(run / "checkpoints") == []
