@@ -94,6 +94,7 @@ class TrainConfig:
     spike_window: int = 50  # loss-spike detector: steps of loss history
     spike_zscore: float = 6.0  # a step's loss this many std above the window's mean is a spike (0: off)
     resume: str = "none"  # none | auto | path to a checkpoint tag directory
+    init_from: Optional[str] = None  # a Llama / Qwen3 checkpoint directory to start from (not on resume)
     # Load checkpoint files that pickle more than tensors and DeepSpeed's own types (unpickling runs
     # their code): only for checkpoints from a trusted source.
     trust_checkpoint: bool = False

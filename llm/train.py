@@ -17,6 +17,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from omegaconf import OmegaConf
@@ -249,23 +250,50 @@ class Run:
         return lambda i: self.loader.micro_batch(step, i, self.rank, self.world, self.cfg.train.micro_batch_size)
 
 
-def _check_inputs(cfg):
-    """Everything that can be wrong with the inputs fails here, before the run directory is
-    touched: (budget info, train shards, val shards, the checkpoint to resume or None)."""
+class Inputs(NamedTuple):
+    """What a run reads, checked: the budget's account of max_steps, the training shards, their
+    loader, the held-out windows, the checkpoint to resume (or None) and the weights to start from
+    (train.init_from, or None)."""
+    budget_info: dict
+    train_data: object
+    loader: object
+    val_windows: torch.Tensor
+    source: object
+    init_state: dict
+
+
+def _check_inputs(cfg) -> Inputs:
+    """Everything that can be wrong with the inputs fails here, before the process group starts
+    and the run directory is touched."""
     from llm.budget import resolve_max_steps
-    from llm.data import TokenShards
+    from llm.data import TokenShards, WindowLoader, eval_windows
 
     _absolute_paths(cfg)
+    t, d = cfg.train, cfg.data
     max_steps, budget_info = resolve_max_steps(cfg)
     OmegaConf.update(cfg, "train.max_steps", max_steps)
-    train_data, val_data = TokenShards(cfg.data.path, "train"), TokenShards(cfg.data.path, "val")
+    train_data, val_data = TokenShards(d.path, "train"), TokenShards(d.path, "val")
     if train_data.vocab_size != cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of {cfg.data.path} has "
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of {d.path} has "
                           f"{train_data.vocab_size} tokens: set model.vocab_size={train_data.vocab_size}")
+    loader = WindowLoader(train_data, d.seq_len, t.seed, t.global_batch_size, t.max_steps, d.bi_induct)
+    val = eval_windows(val_data, d.seq_len, cfg.eval.windows)
     source = checkpoint.find_resume(cfg)
     if source:
         _check_continues(cfg, source)
-    return budget_info, train_data, val_data, source
+    return Inputs(budget_info, train_data, loader, val, source, None if source else _init_state(cfg))
+
+
+def _init_state(cfg):
+    """The weights of train.init_from (a Llama / Qwen3 checkpoint directory) for this model, or None."""
+    if cfg.train.init_from is None:
+        return None
+    from llm.export import load_hf_softmax
+
+    try:
+        return load_hf_softmax(cfg.train.init_from, cfg.model)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"train.init_from={cfg.train.init_from}: {e}") from None
 
 
 def _check_continues(cfg, source) -> None:
@@ -310,40 +338,42 @@ def _announce(run: Run, model, group_rows: list, budget_info: dict, source) -> N
         run.log.echo(f"  param group {g['name']:<12} {g['params']:>10,d} params  wd {g['weight_decay']:g}  lr {g['lr']:g}")
     if source:
         run.log.echo(source.describe(run.state.step))
+    elif t.init_from:
+        run.log.echo(f"initialized from {t.init_from}")
     if run.stopper.limit:
         run.log.echo(f"time limit: {run.stopper.limit}, {run.stopper.deadline - time.time():.0f} s from now")
 
 
 def setup(cfg, job_start: float, stop: StopSignal) -> Run:
     """Check the inputs, start the process group, build the engine, resume, write the run directory."""
-    from llm.data import WindowLoader, eval_windows
     from llm.model import build_model
 
-    budget_info, train_data, val_data, source = _check_inputs(cfg)
+    inputs = _check_inputs(cfg)
+    source, train_data, loader = inputs.source, inputs.train_data, inputs.loader
     t, d = cfg.train, cfg.data
     distributed.init(t.dist_timeout)
     rank, world = distributed.rank(), distributed.world_size()
     checkpoint.prepare_reshard(source, rank, world)
     torch.manual_seed(t.seed)
     model = build_model(cfg.model)
+    if inputs.init_state is not None:
+        model.load_state_dict(inputs.init_state)
     reshard = bool(source and source.reshard)
     engine, group_rows, schedule = build_engine(cfg, model, world, t.max_steps, load_universal=reshard)
     state = checkpoint.resume(engine, source, cfg) if source else TrainState()
     out_dir = os.path.abspath(t.out_dir)
     if rank == 0:
         _write_run_dir(cfg, out_dir, group_rows, train_data)
-    loader = WindowLoader(train_data, d.seq_len, t.seed, t.global_batch_size, t.max_steps, d.bi_induct)
     log = MetricsLog(cfg, out_dir, state.step, t.max_steps, active=rank == 0)
     telemetry = TelemetryLog(out_dir, state.step, active=rank == 0)
-    val = eval_windows(val_data, d.seq_len, cfg.eval.windows)
     eos_id = train_data.eos_id if d.doc_mask else None
     run = Run(cfg=cfg, engine=engine, loader=loader, state=state, accum=engine.gradient_accumulation_steps(),
               eos_id=eos_id, rank=rank, world=world, log=log,
               stopper=Stopper(cfg, job_start, stop, rank, NonFiniteGuard(t.skip_nonfinite, engine, log)),
               reporter=Reporter(cfg, engine, loader, schedule, log, world),
-              evaluator=Evaluator(cfg, engine, val, telemetry, rank, world, eos_id),
+              evaluator=Evaluator(cfg, engine, inputs.val_windows, telemetry, rank, world, eos_id),
               checkpointer=Checkpointer(cfg, engine, log), out_dir=out_dir)
-    _announce(run, model, group_rows, budget_info, source)
+    _announce(run, model, group_rows, inputs.budget_info, source)
     return run
 
 
