@@ -8,14 +8,16 @@ from llm.model.roles import set_role
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) normalized in fp32 and cast back to x's dtype, then times the weight (outside the
+    fused kernel, so a bf16 input is rounded before the weight multiplies it)."""
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = set_role(nn.Parameter(torch.ones(dim)), "no_decay")
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 class SwiGLU(nn.Module):
@@ -31,18 +33,36 @@ class SwiGLU(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding on [B, T, H, D] tensors, positions given explicitly."""
+    """Rotary position embedding on [B, T, H, D] tensors, positions given explicitly.
+
+    The cos / sin table of positions 0..n-1 is computed once (per device and dtype of `inv_freq`)
+    and regrown only for a longer sequence, not on every call: each entry is the same elementwise
+    cos(pos * inv_freq) however long the table, so the result is bit-identical."""
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
         inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._tables = {}  # (device, dtype) -> (cos, sin) [n, D/2]; a cache, not state
+
+    def table(self, end: int):
+        """(cos, sin) [end', D/2] with end' >= end."""
+        if torch.compiler.is_compiling():  # in a graph the table is folded in; a dict would add guards
+            return self._cos_sin(end)
+        key = (self.inv_freq.device, self.inv_freq.dtype)
+        cached = self._tables.get(key)
+        if cached is None or cached[0].shape[0] < end:
+            with torch.no_grad(), torch.inference_mode(False):  # usable by autograd later
+                cached = self._tables[key] = self._cos_sin(end)
+        return cached
+
+    def _cos_sin(self, end: int):
+        freqs = torch.outer(torch.arange(end, device=self.inv_freq.device, dtype=torch.float32), self.inv_freq)
+        return freqs.cos(), freqs.sin()
 
     def forward(self, x, start: int = 0):
         T = x.shape[1]
-        pos = torch.arange(start, start + T, device=x.device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.to(x.device))  # [T, D/2]
-        cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+        cos, sin = (t[start:start + T].to(x.device)[None, :, None, :] for t in self.table(start + T))
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
