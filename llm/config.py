@@ -22,6 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from llm.model.spec import ModelConfig, model_spec
+from llm.model.wrap import checkpointed_blocks
 from llm.optim import GROUPS
 from llm.schema import ConfigError, typed_merge
 
@@ -90,6 +91,8 @@ class TrainConfig:
     seed: int = 1234
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     z_loss: float = 0.0  # coefficient of logsumexp(logits)^2
+    compile: bool = False  # torch.compile each block
+    activation_checkpointing: str = "none"  # none | full | every:N (blocks 0, N, 2N, ... recomputed in backward)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     dist_timeout: float = 600.0  # seconds a collective may wait before the job fails
 
@@ -205,6 +208,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={t.micro_batch_size}")
+    try:
+        checkpointed_blocks(t.activation_checkpointing, cfg.model.n_layers)
+    except ValueError as e:
+        raise ConfigError(f"train.activation_checkpointing: {e}") from None
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage: got {t.zero_stage}, expected 0, 1, 2 or 3")
     if t.stop_at_step is not None and not 0 < t.stop_at_step <= t.max_steps:

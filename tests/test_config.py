@@ -43,6 +43,9 @@ def test_includes_merge_in_order(tmp_path):
     ("optim.groups.attn.weight_decay=0", "optim.groups.attn", "qk, vo"),
     ("train.resume=/no/such/dir", "train.resume", "auto"),
     ("train.stop_at_step=0", "train.stop_at_step", "1..train.max_steps"),
+    ("train.activation_checkpointing=half", "train.activation_checkpointing", "none, full or every:N"),
+    ("train.activation_checkpointing=every:0", "train.activation_checkpointing", "N >= 1"),
+    ("train.compile=maybe", "train.compile", "not a valid bool"),
 ])
 def test_bad_values_name_the_key(override, key, expected):
     with pytest.raises(ConfigError) as e:
