@@ -56,7 +56,7 @@ class GPT(nn.Module):
         h = self.norm(h)
         return h @ self.embed.weight.t() if self.head is None else self.head(h)
 
-    def forward(self, input_ids, *, targets=None, z_loss: float = 0.0, loss_chunk: int = 2048):
+    def forward(self, input_ids, *, targets=None, z_loss: float = 0.0, loss_chunk: int = 1024):
         """input_ids [B, T] -> logits [B, T, vocab]; with targets [B, T], (loss, ce) instead:
         `chunked_lm_loss` of the next-token targets (no full fp32 logits; ce without gradient)."""
         h = self.embed(input_ids)

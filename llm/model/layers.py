@@ -7,9 +7,32 @@ from torch import nn
 from llm.model.roles import set_role
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """(x * rsqrt(mean(x^2) + eps) in fp32, cast to x's dtype) * weight, with a hand-written
+    backward: eager autograd would replay the forward's pow / mean / rsqrt / muls one by one (on CPU
+    about 4x LayerNorm's fused kernel)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        normed = (x.float() * rstd).type_as(x)
+        ctx.save_for_backward(x, rstd, weight)
+        return normed * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rstd, weight = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad_weight = (grad * normed.type_as(x)).flatten(0, -2).sum(0).type_as(weight)
+        grad_normed = (grad * weight).type_as(x).float()
+        dot = (grad_normed * normed).mean(-1, keepdim=True)
+        grad_x = torch.addcmul(grad_normed, normed, dot, value=-1).mul_(rstd).type_as(x)
+        return grad_x, grad_weight, None
+
+
 class RMSNorm(nn.Module):
-    """x / rms(x) normalized in fp32 and cast back to x's dtype, then times the weight (outside the
-    fused kernel, so a bf16 input is rounded before the weight multiplies it)."""
+    """x / rms(x) normalized in fp32 and cast back to x's dtype, then times the weight (so a bf16
+    input is rounded before the weight multiplies it)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -17,7 +40,7 @@ class RMSNorm(nn.Module):
         self.weight = set_role(nn.Parameter(torch.ones(dim)), "no_decay")
 
     def forward(self, x):
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):

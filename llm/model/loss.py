@@ -11,7 +11,8 @@ import torch
 
 def _chunks(hidden, weight, targets, z_loss: float, chunk: int, with_grad: bool):
     """(loss, ce, grad_hidden, grad_weight) of hidden [N, C], weight [V, C], targets [N]; the
-    gradients (of loss) are None unless with_grad."""
+    gradients (of loss) are None unless with_grad. Two passes over each chunk's [n, V] logits
+    besides the matmuls (log_softmax, then exp in place); the 1 / N is applied to the [n, C] sides."""
     n = hidden.shape[0]
     ce_sum = hidden.new_zeros((), dtype=torch.float32)
     z_sum = hidden.new_zeros((), dtype=torch.float32)
@@ -19,19 +20,24 @@ def _chunks(hidden, weight, targets, z_loss: float, chunk: int, with_grad: bool)
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
     for s in range(0, n, chunk):
         h, t = hidden[s:s + chunk], targets[s:s + chunk]
+        rows = torch.arange(len(t), device=t.device)
         logits = (h @ weight.t()).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        ce_sum += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+        logp = torch.log_softmax(logits, dim=-1)
+        target_logp = logp[rows, t]
+        ce_sum -= target_logp.sum()
+        lse = logits[rows, t] - target_logp  # logsumexp of each row
         z_sum += lse.pow(2).sum()
         if with_grad:
-            g = torch.softmax(logits, dim=-1)
+            g = logp.exp_()  # softmax
             if z_loss:
                 g *= (1 + 2 * z_loss * lse)[:, None]
-            g[torch.arange(len(t), device=t.device), t] -= 1
-            g = (g / n).to(h.dtype)
-            grad_hidden[s:s + chunk] = g @ weight
+            g[rows, t] -= 1
+            g = g.to(h.dtype)
+            grad_hidden[s:s + chunk] = (g @ weight).div_(n)
             grad_weight += (g.t() @ h).float()
     ce = ce_sum / n
+    if with_grad:
+        grad_weight /= n
     return ce + z_loss * z_sum / n, ce, grad_hidden, grad_weight
 
 
@@ -49,7 +55,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
         return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None, None
 
 
-def chunked_lm_loss(hidden, head_weight, targets, *, z_loss: float = 0.0, chunk: int = 2048):
+def chunked_lm_loss(hidden, head_weight, targets, *, z_loss: float = 0.0, chunk: int = 1024):
     """(loss to optimize, cross-entropy) of the logits hidden @ head_weight^T, for hidden [B, T, C]
     (already normed), head_weight [V, C] and targets [B, T]: means over all B * T tokens, logits in
     fp32, `chunk` tokens at a time. `ce` is for logging: it carries no gradient (the loss does)."""
