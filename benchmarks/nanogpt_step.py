@@ -18,7 +18,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from llm.model import build_model
 from llm.model.wrap import apply_training_options
@@ -65,7 +64,8 @@ def time_steps(step, batch, n):
 
 
 def profile(step, batch, rows):
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(3):
