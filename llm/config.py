@@ -23,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from llm.model.spec import ModelConfig, model_spec
+from llm.model.wrap import checkpointed_blocks
 from llm.optim import GROUPS
 from llm.schema import ConfigError, at_least, check, in_range, one_of, optional, positive, typed_merge
 
@@ -102,6 +103,8 @@ class TrainConfig:
     seed: int = 1234
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     z_loss: float = 0.0  # coefficient of logsumexp(logits)^2
+    compile: bool = False  # torch.compile each block
+    activation_checkpointing: str = "none"  # none | full | every:N (blocks 0, N, 2N, ... recomputed in backward)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     dist_timeout: float = 600.0  # seconds a collective may wait before the job fails
 
@@ -255,9 +258,16 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={t.micro_batch_size}")
+    if t.compile and t.zero_stage == 3:
+        raise ConfigError("train.compile with train.zero_stage=3: ZeRO-3 gathers each parameter outside the "
+                          "compiled blocks, which torch.compile cannot trace; use zero_stage 1 or 2, or compile off")
     if t.skip_nonfinite and t.zero_stage == 0:
         raise ConfigError("train.skip_nonfinite needs train.zero_stage >= 1: only DeepSpeed's ZeRO optimizers "
                           "skip the update of a step with a non-finite gradient norm")
+    try:
+        checkpointed_blocks(t.activation_checkpointing, cfg.model.n_layers)
+    except ValueError as e:
+        raise ConfigError(f"train.activation_checkpointing: {e}") from None
     if t.stop_at_step is not None and not 0 < t.stop_at_step <= t.max_steps:
         raise ConfigError(f"train.stop_at_step={t.stop_at_step}: expected 1..train.max_steps ({t.max_steps})")
     if not (t.resume in ("none", "auto") or os.path.isdir(t.resume)):

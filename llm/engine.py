@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from llm.config import ConfigError
 from llm.data.docs import doc_starts
+from llm.model.wrap import apply_training_options
 from llm.optim import describe_groups, lr_schedule, param_groups
 
 
@@ -54,10 +55,12 @@ def ds_config(cfg, world: int, dtype: str, load_universal: bool = False) -> dict
 def build_engine(cfg, model, world: int, max_steps: int, load_universal: bool = False):
     """(DeepSpeed engine, param-group rows for the run directory, LR schedule) for `model`.
 
-    The process group must be up (llm.distributed.init). Where torch.compile or activation
-    checkpointing get config flags, they wrap `model` here, so the trainer and bench both get them."""
+    The process group must be up (llm.distributed.init). train.compile and
+    train.activation_checkpointing are applied to `model` here, so the trainer and bench both get them."""
     import deepspeed
 
+    apply_training_options(model, compile=cfg.train.compile,
+                           activation_checkpointing=cfg.train.activation_checkpointing)
     groups = param_groups(model, cfg.optim)
     group_rows = describe_groups(groups, cfg.optim)  # before the scheduler scales the group LRs
     schedule = lr_schedule(cfg.optim, max_steps)
@@ -68,11 +71,12 @@ def build_engine(cfg, model, world: int, max_steps: int, load_universal: bool = 
     return engine, group_rows, schedule
 
 
-def forward(engine, x, eos_id=None):
-    """Logits of inputs `x`; with `eos_id` (data.doc_mask), every token after an EOS starts a
-    document that sees nothing before it."""
+def forward(engine, x, eos_id=None, **loss_args):
+    """Logits of inputs `x`, or with `targets=` (and `z_loss=`) the model's (loss, cross-entropy);
+    with `eos_id` (data.doc_mask), every token after an EOS starts a document that sees nothing
+    before it."""
     x = x.to(engine.device)
-    return engine(x, doc_start=None if eos_id is None else doc_starts(x, eos_id))
+    return engine(x, doc_start=None if eos_id is None else doc_starts(x, eos_id), **loss_args)
 
 
 def train_step(engine, micro_batch, accum: int, z_loss: float = 0.0, eos_id=None) -> dict:
@@ -82,7 +86,7 @@ def train_step(engine, micro_batch, accum: int, z_loss: float = 0.0, eos_id=None
     ce_mean = z_mean = 0.0
     for i in range(accum):
         x, y = micro_batch(i)
-        loss, ce = lm_loss(forward(engine, x, eos_id), y.to(engine.device), z_loss)
+        loss, ce = forward(engine, x, eos_id, targets=y.to(engine.device), z_loss=z_loss)
         engine.backward(loss)
         engine.step()
         ce_mean += ce.item() / accum
@@ -102,8 +106,8 @@ class PlainEngine:
                                            eps=optim_cfg.eps)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(optim_cfg, max_steps))
 
-    def __call__(self, x, doc_start=None):
-        return self.module(x, doc_start=doc_start)
+    def __call__(self, x, doc_start=None, **loss_args):
+        return self.module(x, doc_start=doc_start, **loss_args)
 
     def backward(self, loss) -> None:
         loss.backward()

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from llm import checkpoint, distributed
 from llm.checkpoint import TrainState
 from llm.config import ConfigError, save_config
-from llm.engine import build_engine, forward, lm_loss, resolve_dtype, train_step
+from llm.engine import build_engine, forward, resolve_dtype, train_step
 from llm.flops import mfu, peak_flops, train_flops_per_token
 from llm.health import Diverged, NonFiniteGuard, SpikeDetector
 from llm.logs import MetricsLog
@@ -111,7 +111,7 @@ def evaluate(engine, windows: torch.Tensor, micro: int, rank: int, world: int, e
     total, count = 0.0, 0.0
     for batch, weight in rank_batches(windows, micro, rank, world):
         batch = batch.to(engine.device)
-        _, ce = lm_loss(forward(engine, batch[:, :-1], eos_id), batch[:, 1:])
+        _, ce = forward(engine, batch[:, :-1], eos_id, targets=batch[:, 1:])
         total += weight * ce.item() * batch[:, 1:].numel()
         count += weight * batch[:, 1:].numel()
     engine.train()

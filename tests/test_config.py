@@ -43,11 +43,20 @@ def test_includes_merge_in_order(tmp_path):
     ("optim.groups.attn.weight_decay=0", "optim.groups.attn", "qk, vo"),
     ("train.resume=/no/such/dir", "train.resume", "auto"),
     ("train.stop_at_step=0", "train.stop_at_step", "1..train.max_steps"),
+    ("train.activation_checkpointing=half", "train.activation_checkpointing", "none, full or every:N"),
+    ("train.activation_checkpointing=every:0", "train.activation_checkpointing", "N >= 1"),
+    ("train.compile=maybe", "train.compile", "not a valid bool"),
 ])
 def test_bad_values_name_the_key(override, key, expected):
     with pytest.raises(ConfigError) as e:
         load_config("configs/quickstart.yaml", [override])
     assert key in str(e.value) and expected in str(e.value)
+
+
+def test_compile_is_refused_with_zero3():
+    with pytest.raises(ConfigError, match="train.compile with train.zero_stage=3"):
+        load_config("configs/quickstart.yaml", ["train.compile=true", "train.zero_stage=3"])
+    load_config("configs/quickstart.yaml", ["train.compile=true", "train.zero_stage=2"])
 
 
 def test_bad_files(tmp_path):

@@ -25,7 +25,7 @@ from torch import nn
 
 from llm import HelpFormatter
 from llm.config import OptimConfig
-from llm.engine import PlainEngine, train_step
+from llm.engine import PlainEngine, lm_loss, train_step
 from llm.model import build_model
 from llm.model.mixers import MIXERS
 
@@ -128,8 +128,10 @@ class LabelHead(nn.Module):
         super().__init__()
         self.model, self.n_classes = model, n_classes
 
-    def forward(self, x):
-        return self.model(x)[..., :self.n_classes]
+    def forward(self, x, doc_start=None, *, targets=None, z_loss: float = 0.0):
+        """Label scores, or with targets (-100: unlabelled) the (loss, cross-entropy) on them."""
+        logits = self.model(x, doc_start)[..., :self.n_classes]
+        return logits if targets is None else lm_loss(logits, targets, z_loss)
 
 
 def train(model, task: Task, lengths: tuple, steps: int, batch: int, lr: float, seed: int) -> float:

@@ -3,9 +3,11 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llm.model.block import Block
 from llm.model.layers import RMSNorm
+from llm.model.loss import chunked_lm_loss
 from llm.model.mixers import MIXERS
 from llm.model.roles import set_role
 from llm.model.spec import ModelSpec, model_spec
@@ -28,6 +30,7 @@ class GPT(nn.Module):
         self.norm = RMSNorm(spec.d_model, spec.norm_eps)
         self.head = None if spec.tie_embeddings else set_role(
             nn.Linear(spec.d_model, spec.vocab_size, bias=False), "embed")
+        self.checkpointed: frozenset[int] = frozenset()  # blocks recomputed in backward (llm.model.wrap)
         self._init_weights()
 
     def _init_weights(self):
@@ -46,18 +49,26 @@ class GPT(nn.Module):
         for b in self.blocks:
             b.mixer.reset_parameters()
 
+    @property
+    def head_weight(self):
+        return self.embed.weight if self.head is None else self.head.weight
+
     def logits(self, h):
         h = self.norm(h)
         return h @ self.embed.weight.t() if self.head is None else self.head(h)
 
-    def forward(self, input_ids, doc_start=None):
-        """input_ids [B, T] -> logits [B, T, vocab]. doc_start (bool [B, T], None: one document per
-        row) is True where a document begins: no position sees anything before its document."""
+    def forward(self, input_ids, doc_start=None, *, targets=None, z_loss: float = 0.0, loss_chunk: int = 1024):
+        """input_ids [B, T] -> logits [B, T, vocab]; with targets [B, T], (loss, ce) instead:
+        `chunked_lm_loss` of the next-token targets (no full fp32 logits; ce without gradient).
+        doc_start (bool [B, T], None: one document per row) is True where a document begins: no
+        position sees anything before its document."""
         check_doc_start(doc_start, *input_ids.shape)
         h = self.embed(input_ids)
-        for block in self.blocks:
-            h = block(h, doc_start)
-        return self.logits(h)
+        for i, block in enumerate(self.blocks):
+            h = checkpoint(block, h, doc_start, use_reentrant=False) if i in self.checkpointed else block(h, doc_start)
+        if targets is None:
+            return self.logits(h)
+        return chunked_lm_loss(self.norm(h), self.head_weight, targets, z_loss=z_loss, chunk=loss_chunk)
 
     @torch.no_grad()
     def init_cache(self, batch_size: int):

@@ -8,15 +8,40 @@ from llm.model.roles import set_role
 from llm.ops.utils import doc_begin
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """(x * rsqrt(mean(x^2) + eps) in fp32, cast to x's dtype) * weight, with a hand-written
+    backward: eager autograd would replay the forward's pow / mean / rsqrt / muls one by one (on CPU
+    about 4x LayerNorm's fused kernel)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        normed = (x.float() * rstd).type_as(x)
+        ctx.save_for_backward(x, rstd, weight)
+        return normed * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rstd, weight = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad_weight = (grad * normed.type_as(x)).flatten(0, -2).sum(0).type_as(weight)
+        grad_normed = (grad * weight).type_as(x).float()
+        dot = (grad_normed * normed).mean(-1, keepdim=True)
+        grad_x = torch.addcmul(grad_normed, normed, dot, value=-1).mul_(rstd).type_as(x)
+        return grad_x, grad_weight, None
+
+
 class RMSNorm(nn.Module):
+    """x / rms(x) normalized in fp32 and cast back to x's dtype, then times the weight (so a bf16
+    input is rounded before the weight multiplies it)."""
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = set_role(nn.Parameter(torch.ones(dim)), "no_decay")
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -27,23 +52,43 @@ class SwiGLU(nn.Module):
         set_role(self, "mlp")
 
     def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        # two matmuls on the weight's halves (contiguous rows) rather than halves of one output:
+        # the same values, contiguous for the elementwise ops, and no concatenation in backward
+        w_gate, w_up = self.gate_up.weight.chunk(2, dim=0)
+        return self.down(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up))
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding on [B, T, H, D] tensors, positions given explicitly."""
+    """Rotary position embedding on [B, T, H, D] tensors, positions given explicitly.
+
+    The cos / sin table of positions 0..n-1 is computed once (per device and dtype of `inv_freq`)
+    and regrown only for a longer sequence, not on every call: each entry is the same elementwise
+    cos(pos * inv_freq) however long the table, so the result is bit-identical."""
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
         inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._tables = {}  # (device, dtype) -> (cos, sin) [n, D/2]; a cache, not state
+
+    def table(self, end: int):
+        """(cos, sin) [end', D/2] with end' >= end."""
+        if torch.compiler.is_compiling():  # in a graph the table is folded in; a dict would add guards
+            return self._cos_sin(end)
+        key = (self.inv_freq.device, self.inv_freq.dtype)
+        cached = self._tables.get(key)
+        if cached is None or cached[0].shape[0] < end:
+            with torch.no_grad(), torch.inference_mode(False):  # usable by autograd later
+                cached = self._tables[key] = self._cos_sin(end)
+        return cached
+
+    def _cos_sin(self, end: int):
+        freqs = torch.outer(torch.arange(end, device=self.inv_freq.device, dtype=torch.float32), self.inv_freq)
+        return freqs.cos(), freqs.sin()
 
     def forward(self, x, start: int = 0):
         T = x.shape[1]
-        pos = torch.arange(start, start + T, device=x.device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.to(x.device))  # [T, D/2]
-        cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+        cos, sin = (t[start:start + T].to(x.device)[None, :, None, :] for t in self.table(start + T))
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
