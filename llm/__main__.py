@@ -1,4 +1,4 @@
-"""`python -m llm <command>`: train, generate, eval, bench, export, convert, plot, probe."""
+"""`python -m llm <command>`: train, generate, eval, bench, export, convert, plot, probe, sweep."""
 import argparse
 import sys
 
@@ -30,6 +30,7 @@ COMMANDS = {
     "convert": _lazy("llm.checkpoint"),
     "plot": _lazy("llm.eval.plot"),
     "probe": _lazy("llm.eval.probes"),
+    "sweep": _lazy("llm.sweep"),
 }
 
 
