@@ -331,3 +331,26 @@ def main(argv=None):
     result = sweep(a.config, axes, out, a.seeds, a.overrides, a.slurm, shlex.split(a.sbatch_args), not a.no_wait)
     if "failed" in result.get("status", {}).values() or any(r["status"] != "finished" for r in result.get("runs", [])):
         sys.exit(1)
+
+
+# Reproductions (llm/reproduce/<claim>.py) are sweeps: their --quick runs take this tiny shape
+# (seconds a run on CPU), and every run logs quietly with the vocabulary of the data it reads.
+TINY = ("model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.seq_len=32", "train.global_batch_size=8",
+        "train.micro_batch_size=8", "train.budget.flops=null", "optim.warmup_steps=1", "eval.windows=4")
+QUIET = ("logging.wandb=disabled", "logging.progress=false")
+
+
+def reproduction_overrides(config: str, quick: bool, overrides=()) -> tuple:
+    """QUIET, TINY when quick, model.vocab_size of the config's data.path, then `overrides` (which win)."""
+    from llm.data import TokenShards
+
+    base = (*QUIET, *(TINY if quick else ()))
+    path = load_config(config, (*base, *overrides)).data.path
+    if not os.path.isdir(path):
+        raise ConfigError(f"data.path={path}: no such directory; make it with `python -m data_prep tokenize "
+                          f"--source builtin:python-docs --out {path}` or pass data.path=DIR")
+    return (*base, f"model.vocab_size={TokenShards(path, 'train').vocab_size}", *overrides)
+
+
+def reproduce_command(name: str, quick: bool, seeds: int) -> str:
+    return f"python -m llm reproduce {name}" + (" --quick" if quick else "") + f" --seeds {seeds}"
