@@ -136,7 +136,7 @@ def run_local(config: str, points: list, out_dir: str, env=None) -> dict:
         start = time.time()
         with open(log, "ab") as out:
             rc = subprocess.run([sys.executable, "-m", "llm", "train", config, *p.overrides], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, cwd=os.getcwd()).returncode
+                                stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(), check=False).returncode
         status[p.name] = "finished" if rc == 0 and finished(p.run_dir) else "failed"
         print(f"    {status[p.name]} in {time.time() - start:.0f} s" + (f" (exit {rc}; see {log})" if rc else ""),
               flush=True)
@@ -153,7 +153,7 @@ def submit_slurm(config: str, points: list, out_dir: str, sbatch_args=(), wait: 
     cmd = ["sbatch", "--parsable", f"--array={','.join(todo)}", "--job-name=sweep",
            f"--output={os.path.abspath(out_dir)}/logs/slurm-%A_%a.out", *sbatch_args,
            *(["--wait"] if wait else []), SBATCH, config]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     job = done.stdout.strip().split(";")[0]
     if not job:  # --wait also exits non-zero when a task failed, after printing the id
         raise RuntimeError(f"sbatch failed ({done.returncode}): {done.stderr.strip()}")
@@ -270,7 +270,7 @@ def plot(points: list, runs: list, groups: list, axes: list, path: str) -> str:
 
 
 def collect(points: list, axes: list, out_dir: str) -> dict:
-    """Write <out>/sweep.{json,md,png}; returns the JSON's content."""
+    """Write <out>/sweep.{json,md,png}; returns the JSON's content and the Markdown ("markdown")."""
     runs = [run_summary(p) for p in points]
     groups = group_summary(points, runs)
     names = [a.name for a in axes]
@@ -284,7 +284,7 @@ def collect(points: list, axes: list, out_dir: str) -> dict:
     write_json(os.path.join(out_dir, "sweep.json"), result)
     write_atomic(os.path.join(out_dir, "sweep.md"), md)
     plot(points, runs, groups, axes, os.path.join(out_dir, "sweep.png"))
-    return result
+    return {**result, "markdown": md}
 
 
 def sweep(config: str, axes: list, out_dir: str, seeds: int = 1, overrides=(), slurm: bool = False,
@@ -303,7 +303,7 @@ def sweep(config: str, axes: list, out_dir: str, seeds: int = 1, overrides=(), s
     else:
         extra = {"status": run_local(config, points, out_dir, env)}
     result = {**collect(points, axes, out_dir), **extra}
-    print(open(os.path.join(out_dir, "sweep.md")).read())
+    print(result["markdown"])
     return result
 
 
@@ -325,8 +325,7 @@ def main(argv=None):
     axes = [Axis.parse(g) for g in a.grid]
     if a.collect:
         points = plan(a.config, axes, a.seeds, out, a.overrides)
-        collect(points, axes, out)
-        print(open(os.path.join(out, "sweep.md")).read())
+        print(collect(points, axes, out)["markdown"])
         return
     result = sweep(a.config, axes, out, a.seeds, a.overrides, a.slurm, shlex.split(a.sbatch_args), not a.no_wait)
     if "failed" in result.get("status", {}).values() or any(r["status"] != "finished" for r in result.get("runs", [])):

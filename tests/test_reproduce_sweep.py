@@ -33,7 +33,7 @@ def test_weight_decay_rank_quick(tmp_path, data_dir):
               for d in rows}
     assert groups["uniform"]["qk"] == groups["uniform"]["vo"] == 1.0
     assert groups["decoupled"]["qk"] == groups["decoupled"]["vo"] == 0.0
-    for d, row in rows.items():
+    for row in rows.values():
         assert list(row["erank"]["qk"]) == ["0", "2", "4", "6"]  # every eval step (train.eval_every=2)
     # same seed, same start; decay on the factors shrinks the products (and their rank) faster
     assert rows["uniform"]["start_erank_qk"] == rows["decoupled"]["start_erank_qk"]

@@ -6,12 +6,12 @@ import os
 import shutil
 
 import pytest
+from multiproc import clean_env, metrics, write_config
+from test_slurm import slurm  # noqa: F401  (the module-scoped local cluster fixture)
 
 from llm import checkpoint
 from llm.config import ConfigError
 from llm.sweep import Axis, finished, plan, read_jsonl, sweep
-from multiproc import clean_env, metrics, write_config
-from test_slurm import slurm  # noqa: F401  (the module-scoped local cluster fixture)
 
 # tiny runs: 3 steps of one 6-sequence forward, checkpoints at steps 2 and 3
 STEPS = ("train.max_steps=3", "train.micro_batch_size=6", "train.ckpt_every=2")
@@ -66,6 +66,7 @@ def _check_table(out, result):
     md = (out / "sweep.md").read_text()
     assert all(f"| {name} | finished | 3 |" in md for name in runs)
     assert json.loads((out / "sweep.json").read_text())["runs"] == result["runs"]
+    assert result["markdown"] == md
     assert (out / "sweep.png").stat().st_size > 10_000
 
 

@@ -45,7 +45,7 @@ def summarize(result: dict) -> list[dict]:
         out.append({"decay": row["decay"], "weight_decay": row["weight_decay"], "seeds": len(row["val"]),
                     "erank": {p: {str(s): v for s, v in c.items()} for p, c in mean.items()},
                     "final_erank_qk": list(mean["qk"].values())[-1], "final_erank_vo": list(mean["vo"].values())[-1],
-                    "start_erank_qk": list(mean["qk"].values())[0], "start_erank_vo": list(mean["vo"].values())[0],
+                    "start_erank_qk": next(iter(mean["qk"].values())), "start_erank_vo": next(iter(mean["vo"].values())),
                     "final_val_loss": sum(row["val"]) / len(row["val"])})
     return out
 
