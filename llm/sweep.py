@@ -232,7 +232,7 @@ def plot(points: list, runs: list, groups: list, axes: list, path: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, (curves, final) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = dict(zip([p.group() for p in points], plt.rcParams["axes.prop_cycle"].by_key()["color"] * 20))
+    colors = dict(zip(dict.fromkeys(p.group() for p in points), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 20))
     labelled = set()
     for p in points:
         metrics_path = os.path.join(p.run_dir, "metrics.jsonl")
