@@ -13,10 +13,9 @@ runs and resumes unfinished ones from their newest checkpoint. A changed grid va
 name; a changed base config needs a new --out.
 
 The collected table (`<out>/sweep.md`, `<out>/sweep.json`, `<out>/sweep.png`) has, per run and per
-grid point (mean and std over seeds): final and best held-out loss, final training loss, tokens,
-training seconds (train_s: the sum of tokens / tokens_per_s over the logged windows, evaluation and
-setup excluded), all read from metrics.jsonl, and wall seconds (wall_s: from config.yaml's
-mtime, written at the start of the run's newest job, to metrics.jsonl's, its last record).
+grid point (mean and std over seeds): final and best held-out loss, final training loss, tokens and
+training seconds (the sum of tokens / tokens_per_s over the logged windows: evaluation and setup
+excluded), all read from metrics.jsonl.
 """
 import argparse
 import json
@@ -26,7 +25,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
@@ -65,7 +64,7 @@ class Point:
     values: dict  # axis name -> label
     seed: int
     overrides: tuple  # everything after CONFIG on the train command line
-    run_dir: str
+    run_dir: str = field(compare=False)
 
     def group(self) -> tuple:
         return tuple(self.values.items())
@@ -171,19 +170,12 @@ def run_summary(point: Point) -> dict:
     for r in train:
         seconds += (r["tokens"] - tokens_before) / r["tokens_per_s"]
         tokens_before = r["tokens"]
-    return {"name": point.name, **point.values, "seed": point.seed, "wall_s": _wall_seconds(point.run_dir),
+    return {"name": point.name, **point.values, "seed": point.seed,
             "status": "finished" if finished(point.run_dir) else ("partial" if train else "missing"),
             "steps": train[-1]["step"] if train else 0,
             "final_val_loss": val[-1] if val else None, "best_val_loss": min(val) if val else None,
             "final_train_loss": train[-1]["loss"] if train else None,
             "tokens": train[-1]["tokens"] if train else 0, "train_s": seconds, "run_dir": point.run_dir}
-
-
-def _wall_seconds(run_dir: str):
-    """From the run's start (config.yaml, rewritten when a job resumes it) to its last metrics
-    record: the wall time of its newest job, setup and evaluations included."""
-    paths = [os.path.join(run_dir, name) for name in ("config.yaml", "metrics.jsonl")]
-    return os.path.getmtime(paths[1]) - os.path.getmtime(paths[0]) if all(map(os.path.isfile, paths)) else None
 
 
 def _mean_std(values):
@@ -287,7 +279,7 @@ def collect(points: list, axes: list, out_dir: str) -> dict:
                                     "best_val_loss", "best_val_loss_std"])
           + "\n\nPer run:\n\n"
           + markdown_table(runs, ["name", "status", "steps", "final_val_loss", "best_val_loss", "final_train_loss",
-                                  "tokens", "train_s", "wall_s"]) + "\n")
+                                  "tokens", "train_s"]) + "\n")
     result = {"axes": {a.name: [label for label, _ in a.choices] for a in axes}, "runs": runs, "groups": groups}
     write_json(os.path.join(out_dir, "sweep.json"), result)
     write_atomic(os.path.join(out_dir, "sweep.md"), md)
