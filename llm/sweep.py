@@ -14,8 +14,9 @@ name; a changed base config needs a new --out.
 
 The collected table (`<out>/sweep.md`, `<out>/sweep.json`, `<out>/sweep.png`) has, per run and per
 grid point (mean and std over seeds): final and best held-out loss, final training loss, tokens and
-training seconds (the sum of tokens / tokens_per_s over the logged windows: evaluation and setup
-excluded), all read from metrics.jsonl.
+train_s, the wall time of the training steps (the sum of tokens / tokens_per_s over the logged
+windows; evaluations and process setup excluded: metrics.jsonl has no timestamps), all read from
+metrics.jsonl.
 """
 import argparse
 import json
