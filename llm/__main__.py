@@ -30,6 +30,7 @@ COMMANDS = {
     "convert": _lazy("llm.checkpoint"),
     "plot": _lazy("llm.eval.plot"),
     "probe": _lazy("llm.eval.probes"),
+    "reproduce": _lazy("llm.reproduce"),
 }
 
 
