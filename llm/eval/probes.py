@@ -110,6 +110,28 @@ def induction_task(vocab: int) -> Task:
     return Task(vocab, vocab, sample)
 
 
+def mqar_task(vocab: int, pairs: int) -> Task:
+    """Multi-query associative recall (Arora et al., Zoology): `pairs` key-value pairs (distinct keys
+    from the first half of the vocabulary, values from the second), then queries: the keys again in
+    a random order, each followed by its value. Scored on predicting each query's value, which only
+    recall of the pair seen earlier gives; sequences are 4 * pairs tokens (the `length` is ignored)."""
+    if vocab % 2 or pairs > vocab // 2:
+        raise ValueError(f"mqar: expected an even vocab >= 2 * pairs, got vocab={vocab}, pairs={pairs}")
+
+    def sample(g, B, _length):
+        keys = torch.rand(B, vocab // 2, generator=g).argsort(-1)[:, :pairs]
+        values = torch.randint(vocab // 2, vocab, (B, pairs), generator=g)
+        order = torch.rand(B, pairs, generator=g).argsort(-1)
+        context = torch.stack([keys, values], -1).flatten(1)
+        queries = torch.stack([keys.gather(1, order), values.gather(1, order)], -1).flatten(1)
+        x = torch.cat([context, queries], 1)
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        mask[:, 2 * pairs::2] = True  # at each query key: its value comes next
+        return x, x.roll(-1, 1), mask
+
+    return Task(vocab, vocab, sample)
+
+
 # --- training and scoring -------------------------------------------------------------------------
 
 def make_model(task: Task, mixer: str, mixer_args: dict, d_model: int, n_layers: int, n_heads: int, seed: int):

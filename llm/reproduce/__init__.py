@@ -55,8 +55,8 @@ def mean_std(values) -> dict:
 
 
 def save(out_dir: str, name: str, results: dict, plot) -> dict:
-    """Write `<out_dir>/<name>.json` (results) and `<out_dir>/<name>.png` (plot(ax, results) draws on
-    one matplotlib axis, Agg backend); return results."""
+    """Write `<out_dir>/<name>.json` (results) and `<out_dir>/<name>.png` (plot(fig, results) draws on
+    a matplotlib figure, Agg backend); return results."""
     import os
 
     import matplotlib
@@ -67,8 +67,8 @@ def save(out_dir: str, name: str, results: dict, plot) -> dict:
 
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, f"{name}.json"), results)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    plot(ax, results)
+    fig = plt.figure(figsize=(6, 4))
+    plot(fig, results)
     fig.tight_layout()
     with atomic_path(os.path.join(out_dir, f"{name}.png")) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
