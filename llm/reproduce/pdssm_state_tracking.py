@@ -3,9 +3,11 @@
 of the final state at longer test lengths, beside the paper's table (accuracy at test lengths 40-256
 after 100k steps, batch 256, state 128).
 
-Variants: `pdssm` with the options that let a trained model keep an exact automaton over long inputs
-(see docs/reproductions.md for the diagnosis), `pdssm (defaults)` with the mixer's defaults, the
-diagonal-only ablation `pdssm_diag` (P = I) and Gated DeltaNet.
+Variants: `pdssm` with the mixer's defaults, `pdssm +state_norm` (the readout sees each head's state
+divided by its RMS, so its scale, shrunk by |d| < 1 or grown by accumulated inputs, does not matter)
+and `pdssm +state_norm -phase` (d real positive: every state change comes from the discrete P_t),
+the diagonal-only ablation `pdssm_diag` (P = I, defaults otherwise) and Gated DeltaNet. The
+diagnosis: docs/reproductions.md.
 """
 import time
 
@@ -19,28 +21,35 @@ PAPER = {  # accuracy (%) at test lengths 40-256, Terzic et al. Table (100k step
     "mod_arith": {"pdssm": 96.2, "gated_deltanet": 49.9, "deltanet[-1,1]": 63.9, "transformer": 23.6},
     "parity": {"pdssm": 99.9, "gated_deltanet": 56.6, "deltanet[-1,1]": 97.2, "transformer": 52.2},
 }
-LENGTH_GENERALIZING = {"state_norm": True, "phase": False}  # the fix (docs/reproductions.md)
 
 
 def models(state_size: int) -> dict:
     """{name: (mixer, mixer_args)} of the compared models."""
     pd = {"state_size": state_size, "dict_size": 8}
-    return {"pdssm": ("pdssm", {"pdssm": {**pd, **LENGTH_GENERALIZING}}),
-            "pdssm (defaults)": ("pdssm", {"pdssm": pd}),
-            "pdssm_diag": ("pdssm", {"pdssm": {**pd, **LENGTH_GENERALIZING, "selection": "identity"}}),
+    return {"pdssm": ("pdssm", {"pdssm": pd}),
+            "pdssm +state_norm": ("pdssm", {"pdssm": {**pd, "state_norm": True}}),
+            "pdssm +state_norm -phase": ("pdssm", {"pdssm": {**pd, "state_norm": True, "phase": False}}),
+            "pdssm_diag": ("pdssm", {"pdssm": {**pd, "selection": "identity"}}),
             "gated_deltanet": ("gated_deltanet", {})}
 
 
-def budget(quick: bool) -> dict:
+def budget(quick: bool, **changes) -> dict:
+    """The quick (tests) or full budget, with `changes` (e.g. tasks=[...]) applied."""
     if quick:
-        return dict(tasks=["parity", "cycle_nav"], models=["pdssm", "pdssm_diag"], steps=40, batch=16,
-                    test_lengths=[40, 64], eval_batch=64, d_model=32, layers=1, state_size=8, lr=3e-3)
-    return dict(tasks=list(PAPER), models=list(models(16)), steps=600, batch=32, test_lengths=[40, 64, 128, 256],
-                eval_batch=256, d_model=64, layers=2, state_size=16, lr=3e-3)
+        b = dict(tasks=["parity", "cycle_nav"], models=["pdssm", "pdssm_diag"], steps=40, batch=16,
+                 test_lengths=[40, 64], eval_batch=64, d_model=32, layers=1, state_size=8, lr=3e-3)
+    else:
+        b = dict(tasks=list(PAPER), models=list(models(16)), steps=600, batch=32, test_lengths=[40, 64, 128, 256],
+                 eval_batch=256, d_model=64, layers=2, state_size=16, lr=3e-3)
+    unknown = set(changes) - set(b)
+    if unknown:
+        raise ValueError(f"budget: unknown keys {sorted(unknown)}; expected some of {sorted(b)}")
+    return {**b, **changes}
 
 
-def run(out_dir: str, quick: bool, seeds: int) -> dict:
-    b = budget(quick)
+def run(out_dir: str, quick: bool, seeds: int, **changes) -> dict:
+    """The comparison at budget(quick, **changes); `changes` runs a reduced version (docs/reproductions.md)."""
+    b = budget(quick, **changes)
     compared = models(b["state_size"])
     rows, start = [], time.perf_counter()
     for task_name in b["tasks"]:

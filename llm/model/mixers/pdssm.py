@@ -12,6 +12,12 @@ recurrence is BIBO-stable. P_t is chosen per step (`selection`):
   pick and the matrix; the forward is O(N) per step after an O(M N^2) pass over the dictionary.
 - identity: P_t = I, the diagonal-only ablation.
 
+Length generalization on state tracking wants `state_norm: true, phase: false` (the defaults keep
+the paper's mixer): a trained model's state grows with the accumulated inputs and shrinks by
+prod |d_t|, so an unnormalized readout meets scales at test lengths it never saw; and an automaton
+run on learned (continuous) phases drifts by the phase error at every step, while P_t is discrete.
+Diagnosis and numbers: docs/reproductions.md.
+
 The scan runs on the integer `perm` (llm.ops.pd_ssm); the straight-through gradient of a dense P_t
 is (adjoint of h_t)(D_t h_{t-1})^T, which we obtain by adding the zero-valued term
 (P~_t - P~_t.detach()) (D_t h_{t-1}) to the scan input, with h from a first, no-grad scan.
