@@ -36,15 +36,20 @@ def models(state_size: int) -> dict:
 def budget(quick: bool, **changes) -> dict:
     """The quick (tests) or full budget, with `changes` (e.g. tasks=[...]) applied."""
     if quick:
-        b = dict(tasks=["parity", "cycle_nav"], models=["pdssm", "pdssm_diag"], steps=40, batch=16,
-                 test_lengths=[40, 64], eval_batch=64, d_model=32, layers=1, state_size=8, lr=3e-3)
+        b = dict(tasks=["parity", "cycle_nav"], models=["pdssm", "pdssm +state_norm -phase", "pdssm_diag"],
+                 steps=40, batch=16, test_lengths=[40, 64], eval_batch=64, d_model=32, layers=1, state_size=8,
+                 lr=3e-3)
     else:
         b = dict(tasks=list(PAPER), models=list(models(16)), steps=600, batch=32, test_lengths=[40, 64, 128, 256],
                  eval_batch=256, d_model=64, layers=2, state_size=16, lr=3e-3)
     unknown = set(changes) - set(b)
     if unknown:
         raise ValueError(f"budget: unknown keys {sorted(unknown)}; expected some of {sorted(b)}")
-    return {**b, **changes}
+    b = {**b, **changes}
+    for key, known in (("tasks", TASKS), ("models", models(1))):
+        if set(b[key]) - set(known):
+            raise ValueError(f"budget: unknown {key} {sorted(set(b[key]) - set(known))}; expected some of {sorted(known)}")
+    return b
 
 
 def run(out_dir: str, quick: bool, seeds: int, **changes) -> dict:
