@@ -1,5 +1,5 @@
 """`python -m llm <command>` (installed as `mixer-gpt <command>`): train, eval, generate, export,
-bench, convert, plot, probe, sweep. `--help` lists them; `<command> --help` gives a command's flags.
+bench, convert, plot, probe, sweep, reproduce. `--help` lists them; `<command> --help` gives a command's flags.
 
 A config error (an unknown key, a bad value; llm.config.ConfigError) ends any command with its
 message alone and exit status 2, as argparse does for a bad flag.
@@ -48,6 +48,7 @@ COMMANDS = {  # name -> (runner, one line of help)
     "plot": (_lazy("llm.eval.plot"), "loss curves, induction heatmaps and telemetry of runs as PNGs"),
     "probe": (_lazy("llm.eval.probes"), "synthetic state-tracking and associative-recall probes"),
     "sweep": (_lazy("llm.sweep"), "a grid of training runs (here or as a Slurm job array) and its loss table"),
+    "reproduce": (_lazy("llm.reproduce"), "one command per paper claim: results JSON + plot (docs/reproductions.md)"),
 }
 
 

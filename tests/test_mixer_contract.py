@@ -29,6 +29,7 @@ VARIANTS = {
         "momentum": {"apply": "pre_rope", "first": "zero", "learn_gamma": True}}},
     "pdssm_discrete": {"mixer": "pdssm", "mixer_args": {"pdssm": {**PDSSM, "selection": "discrete"}}},
     "pdssm_identity": {"mixer": "pdssm", "mixer_args": {"pdssm": {**PDSSM, "selection": "identity"}}},
+    "pdssm_state_norm_real": {"mixer": "pdssm", "mixer_args": {"pdssm": {**PDSSM, "state_norm": True, "phase": False}}},
     "hybrid_gdn_softmax": {"layer_pattern": ["gated_deltanet", "softmax"]},
     "hybrid_pdssm_pdssm_softmax": {"layer_pattern": ["pdssm", "pdssm", "softmax"]},
     "hybrid_momentum_softmax_pdssm": {"layer_pattern": ["momentum", "softmax", "pdssm"]},

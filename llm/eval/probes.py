@@ -111,6 +111,28 @@ def induction_task(vocab: int) -> Task:
     return Task(vocab, vocab, sample)
 
 
+def mqar_task(vocab: int, pairs: int) -> Task:
+    """Multi-query associative recall (Arora et al., Zoology): `pairs` key-value pairs (distinct keys
+    from the first half of the vocabulary, values from the second), then queries: the keys again in
+    a random order, each followed by its value. Scored on predicting each query's value, which only
+    recall of the pair seen earlier gives; sequences are 4 * pairs tokens (the `length` is ignored)."""
+    if vocab % 2 or pairs > vocab // 2:
+        raise ValueError(f"mqar: expected an even vocab >= 2 * pairs, got vocab={vocab}, pairs={pairs}")
+
+    def sample(g, B, _length):
+        keys = torch.rand(B, vocab // 2, generator=g).argsort(-1)[:, :pairs]
+        values = torch.randint(vocab // 2, vocab, (B, pairs), generator=g)
+        order = torch.rand(B, pairs, generator=g).argsort(-1)
+        context = torch.stack([keys, values], -1).flatten(1)
+        queries = torch.stack([keys.gather(1, order), values.gather(1, order)], -1).flatten(1)
+        x = torch.cat([context, queries], 1)
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        mask[:, 2 * pairs::2] = True  # at each query key: its value comes next
+        return x, x.roll(-1, 1), mask
+
+    return Task(vocab, vocab, sample)
+
+
 # --- training and scoring -------------------------------------------------------------------------
 
 def make_model(task: Task, mixer: str, mixer_args: dict, d_model: int, n_layers: int, n_heads: int, seed: int):
@@ -171,8 +193,10 @@ def accuracy(model, task: Task, length: int, n: int, seed: int, final_only: bool
 
 def state_tracking_models(state_size: int, dict_size: int) -> dict:
     pd = {"state_size": state_size, "dict_size": dict_size}
-    models = {"pdssm": ("pdssm", {"pdssm": {**pd, "selection": "dense"}}),
-              "pdssm_discrete": ("pdssm", {"pdssm": {**pd, "selection": "discrete"}}),
+    exact = {"state_norm": True, "phase": False}  # what length generalization needs (mixers/pdssm.py)
+    models = {"pdssm": ("pdssm", {"pdssm": {**pd, **exact}}),
+              "pdssm_defaults": ("pdssm", {"pdssm": pd}),
+              "pdssm_discrete": ("pdssm", {"pdssm": {**pd, **exact, "selection": "discrete"}}),
               "pdssm_diag": ("pdssm", {"pdssm": {**pd, "selection": "identity"}}),
               "softmax": ("softmax", {})}
     if "gated_deltanet" in MIXERS:
@@ -249,8 +273,8 @@ def main(argv=None):
     st.add_argument("--tasks", default="parity,even_pairs,cycle_nav,mod_arith,a5,s5",
                     help=f"comma-separated, from {', '.join(TASKS)}")
     st.add_argument("--models", default="pdssm,pdssm_diag,gated_deltanet,softmax",
-                    help="comma-separated, from pdssm, pdssm_discrete, pdssm_diag, softmax, gated_deltanet, "
-                         "gated_deltanet_neg")
+                    help="comma-separated, from pdssm (state_norm, no phase), pdssm_defaults, pdssm_discrete, "
+                         "pdssm_diag, softmax, gated_deltanet, gated_deltanet_neg")
     st.add_argument("--test-lengths", type=_ints, default=[40, 64, 128, 256],
                     help="comma-separated sequence lengths the final-state accuracy is measured at")
     st.add_argument("--layers", type=int, default=2, help="layers per model")

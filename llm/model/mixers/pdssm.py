@@ -12,6 +12,12 @@ recurrence is BIBO-stable. P_t is chosen per step (`selection`):
   pick and the matrix; the forward is O(N) per step after an O(M N^2) pass over the dictionary.
 - identity: P_t = I, the diagonal-only ablation.
 
+Length generalization on state tracking wants `state_norm: true, phase: false` (the defaults keep
+the paper's mixer): a trained model's state grows with the accumulated inputs and shrinks by
+prod |d_t|, so an unnormalized readout meets scales at test lengths it never saw; and an automaton
+run on learned (continuous) phases drifts by the phase error at every step, while P_t is discrete.
+Diagnosis and numbers: docs/reproductions.md.
+
 The scan runs on the integer `perm` (llm.ops.pd_ssm); the straight-through gradient of a dense P_t
 is (adjoint of h_t)(D_t h_{t-1})^T, which we obtain by adding the zero-valued term
 (P~_t - P~_t.detach()) (D_t h_{t-1}) to the scan input, with h from a first, no-grad scan.
@@ -29,7 +35,6 @@ from llm.model.roles import set_role
 from llm.ops.pd_ssm import pd_matvec, pd_scan
 
 SELECTIONS = ("dense", "discrete", "identity")
-MAGNITUDE_INIT = 0.95  # |d| at init: a memory of ~20 steps, which training can lengthen
 
 
 def _gelu_mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
@@ -50,6 +55,16 @@ class PDSSM(Mixer):
         heads: Optional[int] = None  # None: model.n_heads
         selection: str = "dense"  # dense | discrete | identity (diagonal-only ablation)
         chunk_size: int = 64  # scan chunk length
+        # Readout of each head's state divided by its RMS: invariant to the state's overall scale,
+        # which the |d| < 1 decay shrinks and input accumulation grows with the sequence length.
+        state_norm: bool = False
+        # |d| at init. 0.95 is a memory of ~20 steps; an automaton's signal is the start state times
+        # prod |d_t|, which must survive the longest test length, so state tracking wants ~1.
+        magnitude_init: float = 0.95
+        # Learned phases of d. A learned phase is continuous: an automaton run on rotations drifts by
+        # its error at every step. False: d is real and positive, so state changes come from the
+        # discrete P_t alone.
+        phase: bool = True
 
         def check(self, model_cfg):
             if self.selection not in SELECTIONS:
@@ -58,6 +73,8 @@ class PDSSM(Mixer):
                 value = getattr(self, key)
                 if value is not None and value < 1:
                     raise ValueError(f"{key}: expected a positive integer, got {value}")
+            if not 0 < self.magnitude_init < 1:
+                raise ValueError(f"magnitude_init: expected a value in (0, 1), got {self.magnitude_init}")
             if self.chunk_size < 2:
                 raise ValueError(f"chunk_size: expected >= 2, got {self.chunk_size}")
 
@@ -69,7 +86,8 @@ class PDSSM(Mixer):
         # B x and the readout carry content, like attention's v and o projections.
         self.in_proj = set_role(nn.Linear(d, 2 * H * N, bias=False), "vo")  # real, imaginary parts
         self.magnitude = set_role(_gelu_mlp(d, 2 * H * N, H * N), "mixer_other")
-        self.phase = set_role(_gelu_mlp(d, 2 * H * N, H * N), "mixer_other")
+        if args.phase:
+            self.phase = set_role(_gelu_mlp(d, 2 * H * N, H * N), "mixer_other")
         if args.selection != "identity":
             self.select = set_role(nn.Linear(d, H * M, bias=False), "mixer_other")
             # [H, M, column j, row i]: each column's logits over the row its 1 goes to
@@ -86,14 +104,15 @@ class PDSSM(Mixer):
         return self.H
 
     def reset_parameters(self):
-        """The magnitude MLP's output bias gives |d| = MAGNITUDE_INIT at init (the model zeroes biases)."""
-        nn.init.constant_(self.magnitude[-1].bias, math.log(MAGNITUDE_INIT / (1 - MAGNITUDE_INIT)))
+        """The magnitude MLP's output bias gives |d| = magnitude_init at init (the model zeroes biases)."""
+        m = self.args.magnitude_init
+        nn.init.constant_(self.magnitude[-1].bias, math.log(m / (1 - m)))
 
     def coefficients(self, x):
         """Diagonal d_t and input u_t = B x_t, complex [B, T, H, N] (float32 whatever x's dtype)."""
         shape = (*x.shape[:2], self.H, self.N)
         magnitude = torch.sigmoid(self.magnitude(x).float())
-        phase = 2 * math.pi * torch.sigmoid(self.phase(x).float())
+        phase = 2 * math.pi * torch.sigmoid(self.phase(x).float()) if self.args.phase else 0 * magnitude
         re, im = self.in_proj(x).float().chunk(2, dim=-1)
         return torch.polar(magnitude, phase).view(shape), torch.complex(re, im).view(shape)
 
@@ -150,14 +169,17 @@ class PDSSM(Mixer):
 
     def output(self, h, x):
         """h [B, T, H, N] complex -> [B, T, d_model]."""
-        y = self.readout(torch.cat([h.real, h.imag], -1).flatten(2).to(x.dtype)) + self.skip * x
+        state = torch.cat([h.real, h.imag], -1)
+        if self.args.state_norm:
+            state = F.normalize(state, dim=-1, eps=1e-12) * math.sqrt(state.shape[-1])  # RMS 1
+        y = self.readout(state.flatten(2).to(x.dtype)) + self.skip * x
         return self.o_proj(y)
 
     @classmethod
     def flops_per_token(cls, spec, args, seq_len):
         d, H, N, M = spec.d_model, args.heads or spec.n_heads, args.state_size, args.dict_size
         flops = 2 * d * 2 * H * N  # B
-        flops += 2 * 2 * (d * 2 * H * N + 2 * H * N * H * N)  # magnitude and phase MLPs
+        flops += (2 if args.phase else 1) * 2 * (d * 2 * H * N + 2 * H * N * H * N)  # magnitude (and phase) MLPs
         flops += 8 * H * N  # a complex multiply-add per state (not the scan's log-depth extra work)
         flops += 2 * 2 * H * N * d + 2 * d * d  # readout, output projection
         if args.selection != "identity":

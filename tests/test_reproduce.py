@@ -1,0 +1,75 @@
+"""`python -m llm reproduce`: every claim module runs its quick budget and writes sane results."""
+import json
+import os
+
+import pytest
+
+from llm.reproduce import claims, main
+
+MINE = ("pdssm_state_tracking", "momentum_induction", "mesa_cg", "mqar")
+
+
+def _run_quick(tmp_path, name):
+    results = main([name, "--quick", "--seeds", "1", "--out", str(tmp_path)])
+    with open(os.path.join(tmp_path, f"{name}.json")) as f:
+        written = json.load(f)
+    assert written == json.loads(json.dumps(results))
+    with open(os.path.join(tmp_path, f"{name}.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert written["quick"] is True and written["seeds"] == 1 and written["paper"]
+    return written
+
+
+def test_every_claim_module_has_the_interface(capsys):
+    found = claims()
+    assert set(MINE) <= set(found)
+    for module in found.values():
+        assert isinstance(module.DESCRIPTION, str) and isinstance(module.PAPER, dict) and callable(module.run)
+    main(["--list"])
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in found)
+
+
+def test_unknown_claim_is_an_error_naming_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["no_such_claim"])
+    assert "mesa_cg" in capsys.readouterr().err
+
+
+def _accuracy_in_unit_interval(stat):
+    assert 0 <= stat["mean"] <= 1 and stat["std"] >= 0 and len(stat["values"]) == 1
+
+
+def test_pdssm_state_tracking(tmp_path):
+    r = _run_quick(tmp_path, "pdssm_state_tracking")
+    assert {(row["task"], row["model"]) for row in r["rows"]} == {
+        (t, m) for t in r["budget"]["tasks"] for m in r["budget"]["models"]}
+    for row in r["rows"]:
+        assert set(row["accuracy"]) == {str(L) for L in r["budget"]["test_lengths"]}
+        for stat in row["accuracy"].values():
+            _accuracy_in_unit_interval(stat)
+
+
+def test_momentum_induction(tmp_path):
+    r = _run_quick(tmp_path, "momentum_induction")
+    names = [row["model"] for row in r["rows"]]
+    assert names[:2] == ["softmax 1 layer", "softmax 2 layers"] and any(n.startswith("momentum") for n in names)
+    for row in r["rows"]:
+        _accuracy_in_unit_interval(row["copy_acc"])
+
+
+def test_mesa_cg_error_falls_with_cg_steps(tmp_path):
+    r = _run_quick(tmp_path, "mesa_cg")
+    for row in r["rows"]:
+        errors = [row["rel_error"][str(n)]["mean"] for n in r["cg_steps"]]
+        assert errors[0] > 1e-2 and errors[-1] < 1e-5, errors  # a real gap to close, then closed
+        assert all(b < a or b < 1e-5 for a, b in zip(errors, errors[1:])), errors  # down to float32's floor
+        assert row["kappa_max"] >= 1
+
+
+def test_mqar(tmp_path):
+    r = _run_quick(tmp_path, "mqar")
+    assert {row["d_model"] for row in r["rows"]} == set(r["budget"]["widths"])
+    assert "softmax" in {row["model"] for row in r["rows"]}
+    for row in r["rows"]:
+        _accuracy_in_unit_interval(row["accuracy"])
