@@ -63,14 +63,24 @@ def save(out_dir: str, name: str, results: dict, plot) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from llm.files import atomic_path, write_json
+    from llm.files import write_json
 
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, f"{name}.json"), results)
     fig = plt.figure(figsize=(6, 4))
     plot(fig, results)
-    fig.tight_layout()
-    with atomic_path(os.path.join(out_dir, f"{name}.png")) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
+    write_figure(fig, os.path.join(out_dir, f"{name}.png"), dpi=80)
     return results
+
+
+def write_figure(fig, path: str, dpi: int = 120) -> str:
+    """Lay out a matplotlib figure, write it to `path` as PNG (atomically) and close it; returns path."""
+    import matplotlib.pyplot as plt
+
+    from llm.files import atomic_path
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return path

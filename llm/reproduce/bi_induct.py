@@ -10,6 +10,7 @@ import json
 import os
 
 from llm.files import write_json
+from llm.reproduce import write_figure
 from llm.sweep import Axis, reproduce_command, reproduction_overrides, sweep
 
 NAME = "bi_induct"
@@ -108,10 +109,7 @@ def plot(modes: dict, path: str) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[3].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return write_figure(fig, path)
 
 
 def run(out_dir: str, quick: bool, seeds: int, overrides=()) -> dict:

@@ -11,6 +11,7 @@ import os
 import torch
 
 from llm.files import write_json
+from llm.reproduce import write_figure
 from llm.sweep import Axis, read_jsonl, reproduce_command, reproduction_overrides, sweep
 
 NAME = "instability"
@@ -121,10 +122,7 @@ def plot(variants: dict, path: str) -> str:
     for ax in (loss_ax, logit_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return write_figure(fig, path)
 
 
 def run(out_dir: str, quick: bool, seeds: int, overrides=()) -> dict:

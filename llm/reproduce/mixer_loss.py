@@ -6,6 +6,7 @@ each run's metrics."""
 import os
 
 from llm.files import write_json
+from llm.reproduce import write_figure
 from llm.sweep import Axis, read_jsonl, reproduce_command, reproduction_overrides, sweep
 
 NAME = "mixer_loss"
@@ -53,10 +54,7 @@ def plot(mixers: dict, path: str) -> str:
     bar_ax.set(ylabel="final held-out loss", title="final held-out loss (mean ± std over seeds)")
     curve_ax.grid(alpha=0.3)
     curve_ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return write_figure(fig, path)
 
 
 def run(out_dir: str, quick: bool, seeds: int, overrides=()) -> dict:

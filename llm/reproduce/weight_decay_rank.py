@@ -7,6 +7,7 @@ step), and the held-out loss beside it."""
 import os
 
 from llm.files import write_json
+from llm.reproduce import write_figure
 from llm.sweep import Axis, read_jsonl, reproduce_command, reproduction_overrides, sweep
 
 NAME = "weight_decay_rank"
@@ -72,10 +73,7 @@ def plot(rows: list[dict], path: str) -> str:
     for ax in axes[:2]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return write_figure(fig, path)
 
 
 def run(out_dir: str, quick: bool, seeds: int, overrides=()) -> dict:
