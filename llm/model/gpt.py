@@ -57,7 +57,7 @@ class GPT(nn.Module):
         h = self.norm(h)
         return h @ self.embed.weight.t() if self.head is None else self.head(h)
 
-    def forward(self, input_ids, doc_start=None, *, targets=None, z_loss: float = 0.0, loss_chunk: int = 1024):
+    def forward(self, input_ids, doc_start=None, *, targets=None, z_loss: float = 0.0, loss_chunk: int = 512):
         """input_ids [B, T] -> logits [B, T, vocab]; with targets [B, T], (loss, ce) instead:
         `chunked_lm_loss` of the next-token targets (no full fp32 logits; ce without gradient).
         doc_start (bool [B, T], None: one document per row) is True where a document begins: no

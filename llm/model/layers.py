@@ -9,26 +9,32 @@ from llm.ops.utils import doc_begin
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """(x * rsqrt(mean(x^2) + eps) in fp32, cast to x's dtype) * weight, with a hand-written
-    backward: eager autograd would replay the forward's pow / mean / rsqrt / muls one by one (on CPU
-    about 4x LayerNorm's fused kernel)."""
+    """(x * rstd in fp32, cast to x's dtype) * weight, rstd = rsqrt(mean(x^2) + eps), with a
+    hand-written backward: in eager mode autograd would replay the forward's ops one by one and
+    torch's own rms_norm backward is composite on CPU (each ~4x LayerNorm's fused kernel). Fewer
+    passes over [N, C]: the sum of squares is one fused reduction (vector_norm), and the
+    backward's row and column sums are matrix-vector products over the one product grad * x."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
-        normed = (x.float() * rstd).type_as(x)
+        xf = x.float()
+        rstd = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        normed = (xf * rstd).type_as(x)
         ctx.save_for_backward(x, rstd, weight)
-        return normed * weight
+        return normed.mul_(weight) if normed.dtype == torch.result_type(normed, weight) else normed * weight
 
     @staticmethod
     def backward(ctx, grad):
         x, rstd, weight = ctx.saved_tensors
-        normed = x.float() * rstd
-        grad_weight = (grad * normed.type_as(x)).flatten(0, -2).sum(0).type_as(weight)
-        grad_normed = (grad * weight).type_as(x).float()
-        dot = (grad_normed * normed).mean(-1, keepdim=True)
-        grad_x = torch.addcmul(grad_normed, normed, dot, value=-1).mul_(rstd).type_as(x)
-        return grad_x, grad_weight, None
+        C = x.shape[-1]
+        xf, gf, wf = x.float().flatten(0, -2), grad.float().flatten(0, -2), weight.float()
+        rstd = rstd.flatten(0, -2)
+        gx = gf * xf
+        grad_weight = (rstd.t() @ gx).view_as(weight).type_as(weight)  # sum over rows of grad * normed
+        # d/dx of x * rstd: rstd * (gw - x * rstd^2 * mean(gw * x)), gw = grad * weight
+        coef = (gx @ wf)[:, None].mul_(rstd.pow(3)).div_(C)
+        grad_x = (gf * wf).mul_(rstd).addcmul_(xf, coef, value=-1)
+        return grad_x.view(x.shape).type_as(x), grad_weight, None
 
 
 class RMSNorm(nn.Module):
@@ -89,8 +95,33 @@ class Rotary(nn.Module):
     def forward(self, x, start: int = 0):
         T = x.shape[1]
         cos, sin = (t[start:start + T].to(x.device)[None, :, None, :] for t in self.table(start + T))
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+        return _RotateFunction.apply(x, cos, sin)
+
+
+def rotate(x, cos, sin, sign: int = 1):
+    """x [..., D] with halves (x1, x2) rotated by sign * angle: (x1 cos - x2 sin, x2 cos + x1 sin)
+    for sign 1. Written into one output, two passes over each half (no concatenation)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    out = torch.empty_like(x)
+    out1, out2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin, value=sign)
+    return out
+
+
+class _RotateFunction(torch.autograd.Function):
+    """Rotary in fp32, cast back to x's dtype; its gradient is the rotation by the opposite angle
+    (a rotation's transpose), so backward is the forward's two passes, not autograd's replay."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rotate(x.float(), cos, sin).type_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return rotate(grad.float(), cos, sin, sign=-1).type_as(grad), None, None
 
 
 class ShortConv(nn.Module):

@@ -12,49 +12,51 @@ IGNORE = -100  # a target without a label, as torch's cross_entropy
 
 
 def _chunks(hidden, weight, targets, z_loss: float, chunk: int, with_grad: bool):
-    """(loss, ce, grad_hidden, grad_weight) of hidden [N, C], weight [V, C], targets [N]; the
-    gradients (of loss) are None unless with_grad. Two passes over each chunk's [n, V] logits
-    besides the matmuls (log_softmax, then exp in place); the 1 / N is applied to the [n, C] sides."""
-    n = hidden.shape[0]
-    ce_sum = hidden.new_zeros((), dtype=torch.float32)
-    z_sum = hidden.new_zeros((), dtype=torch.float32)
+    """(loss, ce, grad_hidden, grad_weight, n) of hidden [N, C], weight [V, C], targets [N]: n is
+    the number of labelled targets (a tensor: nothing here waits for the device), the gradients
+    are those of n * loss (None unless with_grad; backward divides). Unlabelled rows are computed
+    and then masked on the [*, C] sides, not removed (which would need their count on the host).
+    Two passes over each chunk's [m, V] logits besides the matmuls (log_softmax, exp in place)."""
+    labelled = targets != IGNORE
+    n, safe_targets = labelled.sum(), targets.clamp_min(0)
+    ce_sum = z_sum = hidden.new_zeros((), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if with_grad else None
-    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
-    for s in range(0, n, chunk):
-        h, t = hidden[s:s + chunk], targets[s:s + chunk]
+    grad_weight = None
+    for s in range(0, hidden.shape[0], chunk):
+        h, t, keep = hidden[s:s + chunk], safe_targets[s:s + chunk], labelled[s:s + chunk, None]
         rows = torch.arange(len(t), device=t.device)
         logits = (h @ weight.t()).float()
         logp = torch.log_softmax(logits, dim=-1)
         target_logp = logp[rows, t]
-        ce_sum -= target_logp.sum()
         lse = logits[rows, t] - target_logp  # logsumexp of each row
-        z_sum += lse.pow(2).sum()
+        ce_sum = ce_sum - target_logp @ keep.float()[:, 0]
+        z_sum = z_sum + lse.pow(2) @ keep.float()[:, 0]
         if with_grad:
             g = logp.exp_()  # softmax
             if z_loss:
                 g *= (1 + 2 * z_loss * lse)[:, None]
             g[rows, t] -= 1
             g = g.to(h.dtype)
-            grad_hidden[s:s + chunk] = (g @ weight).div_(n)
-            grad_weight += (g.t() @ h).float()
+            torch.mm(g, weight, out=grad_hidden[s:s + chunk]).mul_(keep)
+            part = g.t() @ (h * keep)
+            grad_weight = part.float() if grad_weight is None else grad_weight.add_(part)
     ce = ce_sum / n
-    if with_grad:
-        grad_weight /= n
-    return ce + z_loss * z_sum / n, ce, grad_hidden, grad_weight
+    return ce + z_loss * z_sum / n, ce, grad_hidden, grad_weight, n
 
 
 class _ChunkedLMLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, z_loss, chunk):
-        loss, ce, grad_hidden, grad_weight = _chunks(hidden, weight, targets, z_loss, chunk, with_grad=True)
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        loss, ce, grad_hidden, grad_weight, n = _chunks(hidden, weight, targets, z_loss, chunk, with_grad=True)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype), n)
         ctx.mark_non_differentiable(ce)
         return loss, ce
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None, None
+        grad_hidden, grad_weight, n = ctx.saved_tensors
+        scale = grad_loss / n
+        return grad_hidden * scale.to(grad_hidden.dtype), grad_weight * scale.to(grad_weight.dtype), None, None, None
 
 
 def chunked_lm_loss(hidden, head_weight, targets, *, z_loss: float = 0.0, chunk: int = 1024):
@@ -67,10 +69,7 @@ def chunked_lm_loss(hidden, head_weight, targets, *, z_loss: float = 0.0, chunk:
     if chunk <= 0:
         raise ValueError(f"chunk: expected a positive number of tokens, got {chunk}")
     hidden, targets = hidden.flatten(0, -2), targets.flatten()
-    labelled = targets != IGNORE
-    if not bool(labelled.all()):  # means over labelled tokens only (the index is differentiable)
-        hidden, targets = hidden[labelled], targets[labelled]
     if torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad):
         return _ChunkedLMLoss.apply(hidden, head_weight, targets, float(z_loss), chunk)
-    loss, ce, _, _ = _chunks(hidden, head_weight, targets, z_loss, chunk, with_grad=False)
+    loss, ce, _, _, _ = _chunks(hidden, head_weight, targets, z_loss, chunk, with_grad=False)
     return loss, ce
