@@ -8,8 +8,9 @@ engine carries over from the last): the trainer's own step on the DeepSpeed engi
 config resolves it (bf16 on GPU), `--tokens` tokens per step (micro batch = tokens // T, no
 gradient accumulation). Columns: tokens/s per device, MFU against the device's dense bf16 peak
 (n/a on CPU), peak memory (CUDA allocator peak; on CPU the process's peak resident set), and
-torch.compile's tokens/s ("n/a" until the trainer has a compile flag). A failed cell (out of
-memory, a mixer that cannot run the shape) shows the reason and the table goes on.
+with `--compile`, the same step under `train.compile=true` (each block compiled; its own fresh
+process, timed after the warm-up steps that compile it) and its speedup over eager. A failed cell
+(out of memory, a mixer that cannot run the shape) shows the reason and the table goes on.
 """
 import argparse
 import json
@@ -36,15 +37,22 @@ def bench_cell(config: Path, overrides: list[str], steps: int, out: Path):
     return json.loads(out.read_text())[-1]
 
 
-def row(mixer: str, size: str, seq_len: int, record) -> dict:
+def row(mixer: str, size: str, seq_len: int, record, compiled=None) -> dict:
+    """A table row; `compiled` (the record under train.compile, or its failure) adds two columns."""
+    cells = {"mixer": mixer, "model": size, "T": seq_len}
     if isinstance(record, str):
-        return {"mixer": mixer, "model": size, "T": seq_len, "tokens/s": record, "MFU": "", "peak memory": "",
-                "compiled tokens/s": ""}
-    memory = record["peak_memory_bytes"]
-    return {"mixer": mixer, "model": size, "T": seq_len, "tokens/s": f"{record['tokens_per_s']:,.0f}",
-            "MFU": f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a",
-            "peak memory": f"{memory / 2 ** 30:.2f} GiB" if memory is not None else "n/a",
-            "compiled tokens/s": "n/a"}  # until train.compile exists
+        cells.update({"tokens/s": record, "MFU": "", "peak memory": ""})
+    else:
+        memory = record["peak_memory_bytes"]
+        cells.update({"tokens/s": f"{record['tokens_per_s']:,.0f}",
+                      "MFU": f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a",
+                      "peak memory": f"{memory / 2 ** 30:.2f} GiB" if memory is not None else "n/a"})
+    if compiled is not None:
+        ok = not isinstance(compiled, str)
+        cells["compiled tokens/s"] = f"{compiled['tokens_per_s']:,.0f}" if ok else compiled
+        cells["compiled / eager"] = (f"{compiled['tokens_per_s'] / record['tokens_per_s']:.2f}x"
+                                     if ok and not isinstance(record, str) else "")
+    return cells
 
 
 def markdown(rows: list[dict]) -> str:
@@ -63,6 +71,7 @@ def main(argv=None) -> str:
     p.add_argument("--tokens", type=int, default=16384, help="tokens per step (micro batch = tokens // T)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per cell (after 2 warm-up steps)")
     p.add_argument("--quick", action="store_true", help=f"a tiny shape instead of --sizes ({' '.join(TINY)})")
+    p.add_argument("--compile", action="store_true", help="also time each cell with train.compile=true")
     p.add_argument("--json", help="also write the bench records to this file")
     a = p.parse_args(argv)
     sizes = {"tiny": TINY} if a.quick else {s: [] for s in a.sizes.split(",")}
@@ -75,9 +84,12 @@ def main(argv=None) -> str:
                 for mixer in a.mixers.split(","):
                     overrides = [*shape, f"model.mixer={mixer}", f"data.seq_len={seq_len}",
                                  f"train.micro_batch_size={batch}", f"train.global_batch_size={batch}"]
-                    record = bench_cell(config, overrides, a.steps, Path(tmp) / f"{size}_{seq_len}_{mixer}.json")
-                    records.append(record)
-                    rows.append(row(mixer, size, seq_len, record))
+                    name = Path(tmp) / f"{size}_{seq_len}_{mixer}"
+                    record = bench_cell(config, overrides, a.steps, name.with_suffix(".json"))
+                    compiled = bench_cell(config, [*overrides, "train.compile=true"], a.steps,
+                                          name.with_suffix(".compiled.json")) if a.compile else None
+                    records += [r for r in (record, compiled) if r is not None]
+                    rows.append(row(mixer, size, seq_len, record, compiled))
                     print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), file=sys.stderr, flush=True)
     table = markdown(rows)
     print(table)

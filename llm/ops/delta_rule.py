@@ -29,6 +29,7 @@ def _check(q, k, v, beta, g, initial_state, doc_start):
     check_doc_start(doc_start, B, T)
 
 
+@torch.compiler.disable  # a graph break under train.compile: dynamo cannot trace fla's own checks
 def _fla(kind, q, k, v, beta, g, scale, initial_state, output_final_state, doc_start):
     """fla's `{kind}_delta_rule` or `{kind}_gated_delta_rule`; keyword names shared by fla 0.2-0.6
     ([B, T, H, D] is the default layout in all of them; `head_first` is left alone). Document

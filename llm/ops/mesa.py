@@ -117,6 +117,7 @@ def chunk_mesa(q, k, v, *, g, beta, lamb, initial_state=None, output_final_state
     return chunk_reference(q, k, v, g, beta, lamb, state, output_final_state, cg_steps, chunk_size, cg_tol, doc_start)
 
 
+@torch.compiler.disable  # a graph break under train.compile, as the delta rule's
 def _fla(q, k, v, g, beta, lamb, initial_state, output_final_state, cg_steps, doc_start):
     """fla's chunk_mesa_net; document starts as its variable-length batch (one row, cu_seqlens)."""
     from fla.ops.mesa_net import chunk_mesa_net
