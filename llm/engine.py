@@ -71,27 +71,44 @@ def build_engine(cfg, model, world: int, max_steps: int, load_universal: bool = 
     return engine, group_rows, schedule
 
 
+def to_device(tensor, device):
+    """A batch on `device`; from the host to CUDA through pinned memory without blocking the host,
+    so the copy queues behind the device's work instead of waiting for it."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def forward(engine, x, eos_id=None, **loss_args):
     """Logits of inputs `x`, or with `targets=` (and `z_loss=`) the model's (loss, cross-entropy);
     with `eos_id` (data.doc_mask), every token after an EOS starts a document that sees nothing
     before it."""
-    x = x.to(engine.device)
+    x = to_device(x, engine.device)
     return engine(x, doc_start=None if eos_id is None else doc_starts(x, eos_id), **loss_args)
 
 
 def train_step(engine, micro_batch, accum: int, z_loss: float = 0.0, eos_id=None) -> dict:
-    """One optimizer step over `accum` micro-batches, `micro_batch(i) -> (inputs, targets)`; the
-    engine applies the update after the last (its gradient accumulation). Returns the mean
-    cross-entropy and z-loss term over the micro-batches, and the last one's cross-entropy."""
-    ce_mean = z_mean = 0.0
+    """One optimizer step over `accum` micro-batches, `micro_batch(i) -> (inputs, targets)` on the
+    host; the engine applies the update after the last (its gradient accumulation). Returns the
+    mean cross-entropy and z-loss term over the micro-batches, and the last one's cross-entropy.
+
+    Nothing waits for the device until the step's one read of these numbers at the end: micro-batch
+    i + 1 is read and its copy queued while the device still runs micro-batch i."""
+    device = engine.device
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # cross-entropy, z-loss term, on the device
+    x, y = micro_batch(0)
+    batch = to_device(x, device), to_device(y, device)
     for i in range(accum):
-        x, y = micro_batch(i)
-        loss, ce = forward(engine, x, eos_id, targets=y.to(engine.device), z_loss=z_loss)
+        x, y = batch
+        loss, ce = forward(engine, x, eos_id, targets=y, z_loss=z_loss)
         engine.backward(loss)
         engine.step()
-        ce_mean += ce.item() / accum
-        z_mean += (loss - ce).item() / accum  # the z-loss term, 0 unless train.z_loss
-    return {"ce": ce_mean, "z": z_mean, "last_ce": ce.item()}
+        if i + 1 < accum:  # queued behind this micro-batch's work
+            nx, ny = micro_batch(i + 1)
+            batch = to_device(nx, device), to_device(ny, device)
+        sums += torch.stack([ce.detach(), (loss - ce).detach()]).double()
+    ce_mean, z_mean, last_ce = torch.cat([sums / accum, ce.detach().double()[None]]).tolist()
+    return {"ce": ce_mean, "z": z_mean, "last_ce": last_ce}
 
 
 class PlainEngine:
