@@ -160,3 +160,26 @@ class _ParityTable:
 @pytest.fixture(scope="module", autouse=True)
 def parity_table(request):
     request.config.pluginmanager.register(_ParityTable(), "kernel_parity_table")
+
+
+def test_compiled_block_runs_fla_as_a_graph_break(kernels_on_cpu):
+    """train.compile with model.kernels=fla: dynamo leaves the fla call to eager (on an H200 with
+    torch 2.11 it died tracing fla's own version check) and the compiled block gives the eager
+    block's output and gradients."""
+    from llm.model.wrap import apply_training_options
+
+    torch.manual_seed(0)
+    spec = {"vocab_size": 64, "d_model": SHAPE.H * SHAPE.D, "n_layers": 1, "n_heads": SHAPE.H,
+            "mixer": "deltanet", "kernels": "fla"}
+    eager, compiled = build_model(spec).half(), build_model(spec).half()
+    compiled.load_state_dict(eager.state_dict())
+    apply_training_options(compiled, compile=True)
+    ids = torch.randint(64, (SHAPE.B, 40))
+    with fla_calls(OP_CASES["chunk_delta_rule"]) as calls:
+        outputs = []
+        for model in (eager, compiled):
+            logits = model(ids)
+            logits.float().square().mean().backward()
+            outputs.append({"logits": logits, **{n: p.grad for n, p in model.named_parameters()}})
+    assert len(calls) == 2, "the compiled block did not reach fla"
+    assert_parity("deltanet block, compiled", torch.float16, REL_TOL["layer"][torch.float16], *outputs[::-1])
