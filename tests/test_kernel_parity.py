@@ -175,11 +175,18 @@ def test_compiled_block_runs_fla_as_a_graph_break(kernels_on_cpu):
     compiled.load_state_dict(eager.state_dict())
     apply_training_options(compiled, compile=True)
     ids = torch.randint(64, (SHAPE.B, 40))
-    with fla_calls(OP_CASES["chunk_delta_rule"]) as calls:
+    compiling = []  # per fla call: whether dynamo was tracing it
+
+    def note(kwargs):
+        compiling.append(torch.compiler.is_compiling())
+        return kwargs
+
+    with fla_calls(OP_CASES["chunk_delta_rule"], change_kwargs=note) as calls:
         outputs = []
         for model in (eager, compiled):
             logits = model(ids)
             logits.float().square().mean().backward()
             outputs.append({"logits": logits, **{n: p.grad for n, p in model.named_parameters()}})
     assert len(calls) == 2, "the compiled block did not reach fla"
+    assert compiling == [False, False], "dynamo traced into the fla call instead of leaving it to eager"
     assert_parity("deltanet block, compiled", torch.float16, REL_TOL["layer"][torch.float16], *outputs[::-1])
