@@ -66,6 +66,7 @@ def main():
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--modes", nargs="+", default=["none", "every:4", "every:2", "full"])
+    p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one mode in this process
     a = p.parse_args()
     if a.worker:
@@ -84,6 +85,9 @@ def main():
               f" ({r['mem'] / base['mem']:.2f}x), {r['tokens_per_s']:7.1f} tokens/s by CPU time"
               f" ({r['tokens_per_s'] / base['tokens_per_s']:.2f}x), {r['wall_tokens_per_s']:7.1f} by wall"
               f" ({r['wall_tokens_per_s'] / base['wall_tokens_per_s']:.2f}x)", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": a.model, "batch": a.batch, "T": a.T, "threads": a.threads, "modes": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

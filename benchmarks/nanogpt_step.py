@@ -14,6 +14,7 @@ the rounds, and the median over rounds of the ratio ours / this model (paired wi
 """
 import argparse
 import importlib.util
+import json
 import statistics
 import time
 
@@ -88,6 +89,7 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="also time our model under train.compile")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS", help="print our step's top ops and exit")
+    p.add_argument("--json", help="also write the table to this file")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -107,12 +109,20 @@ def main():
     for _ in range(a.rounds):
         for name, step in steps.items():
             times[name].append(time_steps(step, batch, a.steps))
+    table = {}
     for name, t in times.items():
-        row = [f"{name:>14}:"]
+        row, table[name] = [f"{name:>14}:"], {}
         for clock, label in ((0, "cpu"), (1, "wall")):
+            step_ms = 1e3 * statistics.median(r[clock] for r in t)
             ratio = statistics.median(o[clock] / m[clock] for o, m in zip(times["ours"], t))
-            row.append(f"{label} {1e3 * statistics.median(r[clock] for r in t):7.1f} ms/step, ours / this {ratio:.3f};")
+            table[name].update({f"{label}_ms_per_step": round(step_ms, 2), f"ours_over_this_{label}": round(ratio, 4)})
+            row.append(f"{label} {step_ms:7.1f} ms/step, ours / this {ratio:.3f};")
         print(" ".join(row))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"shape": {k: getattr(a, k) for k in ("d", "layers", "heads", "vocab", "T", "batch", "threads")},
+                       "rounds": a.rounds, "steps_per_round": a.steps, "torch": torch.__version__, "models": table},
+                      f, indent=1)
 
 
 if __name__ == "__main__":
