@@ -29,8 +29,9 @@ def _chunks(hidden, weight, targets, z_loss: float, chunk: int, with_grad: bool)
         logp = torch.log_softmax(logits, dim=-1)
         target_logp = logp[rows, t]
         lse = logits[rows, t] - target_logp  # logsumexp of each row
-        ce_sum = ce_sum - target_logp @ keep.float()[:, 0]
-        z_sum = z_sum + lse.pow(2) @ keep.float()[:, 0]
+        counted = keep.float()[:, 0]  # 1 for a labelled row, 0 else
+        ce_sum = ce_sum - target_logp @ counted
+        z_sum = z_sum + lse.pow(2) @ counted
         if with_grad:
             g = logp.exp_()  # softmax
             if z_loss:
