@@ -73,3 +73,41 @@ def test_mqar(tmp_path):
     assert "softmax" in {row["model"] for row in r["rows"]}
     for row in r["rows"]:
         _accuracy_in_unit_interval(row["accuracy"])
+
+
+def test_budget_changes_reach_the_claim_and_are_checked(tmp_path, capsys):
+    r = main(["pdssm_state_tracking", "--quick", "--seeds", "2", "--out", str(tmp_path), "--budget", "tasks=[parity]",
+              "--budget", "models=[pdssm_diag]", "--budget", "first_seed=3", "--budget", "steps=5"])
+    assert [(row["task"], row["model"], row["seeds"], row["steps"]) for row in r["rows"]] == [
+        ("parity", "pdssm_diag", [3, 4], [5, 5])]
+    timed = main(["pdssm_state_tracking", "--quick", "--seeds", "1", "--out", str(tmp_path), "--budget",
+                  "tasks=[parity]", "--budget", "models=[pdssm_diag]", "--budget", "train_seconds=0.5"])
+    assert timed["rows"][0]["steps"][0] >= 1  # as many as fit in half a second, timed on this machine
+    for bad, says in ((["mqar", "--budget", "steps=5"], "mqar takes no budget changes"),
+                      (["pdssm_state_tracking", "--budget", "steps"], "expected KEY=VALUE")):
+        with pytest.raises(SystemExit):
+            main(bad)
+        assert says in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown keys"):
+        main(["pdssm_state_tracking", "--quick", "--out", str(tmp_path), "--budget", "step=5"])
+
+
+def test_cells_run_in_parallel_and_pool_their_seeds(tmp_path):
+    """benchmarks/reproduce_cells.py: one process per cell, the seeds of a (task, model) pooled."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tiny = ["steps=3", "batch=4", "d_model=16", "layers=1", "state_size=4", "test_lengths=[8]", "eval_batch=8"]
+    cmd = [sys.executable, "benchmarks/reproduce_cells.py", "--out", str(tmp_path), "--deadline-s", "300",
+           *(arg for item in tiny for arg in ("--budget", item)), "parity:pdssm_diag", "parity:pdssm_diag:2",
+           "cycle_nav:pdssm"]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr
+    assert "3 of 3 cells finished" in done.stdout
+    with open(tmp_path / "pdssm_state_tracking.json") as f:
+        r = json.load(f)
+    assert [(row["task"], row["model"], row["seeds"]) for row in r["rows"]] == [
+        ("parity", "pdssm_diag", [0, 2]), ("cycle_nav", "pdssm", [0])]
+    assert len(r["rows"][0]["accuracy"]["8"]["values"]) == 2 and r["seeds"] == 2 and r["unfinished"] == []
+    assert r["budget"]["tasks"] == ["parity", "cycle_nav"] and (tmp_path / "pdssm_state_tracking.png").exists()

@@ -135,12 +135,26 @@ def mqar_task(vocab: int, pairs: int) -> Task:
 
 # --- training and scoring -------------------------------------------------------------------------
 
-def make_model(task: Task, mixer: str, mixer_args: dict, d_model: int, n_layers: int, n_heads: int, seed: int):
-    """A GPT over the task's alphabet; with an untied head whose first n_classes outputs score labels."""
+def default_device() -> torch.device:
+    """Where the probes train: the GPU when there is one (the weights are drawn on the CPU either
+    way, so a seed gives the same initial model on both)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name() -> str:
+    """The default device in words, for the records."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def make_model(task: Task, mixer: str, mixer_args: dict, d_model: int, n_layers: int, n_heads: int, seed: int,
+               device=None):
+    """A GPT over the task's alphabet, on `device` (default_device()); with an untied head whose first
+    n_classes outputs score labels."""
     torch.manual_seed(seed)
-    return build_model({"vocab_size": max(task.alphabet, task.n_classes), "d_model": d_model,
-                        "n_layers": n_layers, "n_heads": n_heads, "mixer": mixer,
-                        "mixer_args": mixer_args, "tie_embeddings": False})
+    model = build_model({"vocab_size": max(task.alphabet, task.n_classes), "d_model": d_model,
+                         "n_layers": n_layers, "n_heads": n_heads, "mixer": mixer,
+                         "mixer_args": mixer_args, "tie_embeddings": False})
+    return model.to(device or default_device())
 
 
 class LabelHead(nn.Module):
@@ -178,6 +192,14 @@ def train(model, task: Task, lengths: tuple, steps: int, batch: int, lr: float, 
     return time.perf_counter() - start
 
 
+def steps_within(seconds: float, make_model, task: Task, lengths: tuple, batch: int, lr: float, seed: int,
+                 pilot: int = 50) -> int:
+    """How many `train` steps of a model from `make_model()` fit in `seconds`: timed over `pilot`
+    steps of a throwaway model, after as many of another (the first kernels and allocations are slow)."""
+    train(make_model(), task, lengths, pilot, batch, lr, seed)
+    return max(1, int(seconds * pilot / train(make_model(), task, lengths, pilot, batch, lr, seed)))
+
+
 @torch.no_grad()
 def accuracy(model, task: Task, length: int, n: int, seed: int, final_only: bool) -> float:
     model.eval()
@@ -185,7 +207,7 @@ def accuracy(model, task: Task, length: int, n: int, seed: int, final_only: bool
     if final_only:
         mask = torch.zeros_like(mask)
         mask[:, -1] = True
-    pred = model(x)[..., :task.n_classes].argmax(-1)
+    pred = model(x.to(next(model.parameters()).device))[..., :task.n_classes].argmax(-1).cpu()
     return (pred[mask] == y[mask]).float().mean().item()
 
 

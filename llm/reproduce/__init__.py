@@ -28,6 +28,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a budget of about a minute (for tests)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
     p.add_argument("--out", default="docs/reproductions", help="directory for <name>.json and <name>.png")
+    p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one key of the claim's budget, the value in YAML (e.g. tasks=[cycle_nav], "
+                        "steps=3000); repeatable; for the claims whose run() takes budget changes")
     a = p.parse_args(argv)
     found = claims()
     if a.list or a.name is None:
@@ -38,10 +41,31 @@ def main(argv=None):
         p.error(f"unknown claim {a.name!r}; expected one of {', '.join(sorted(found))}")
     if a.seeds < 1:
         p.error(f"--seeds: expected a positive integer, got {a.seeds}")
+    changes = budget_changes(p, found[a.name], a.budget)
     start = time.perf_counter()
-    results = found[a.name].run(a.out, a.quick, a.seeds)
+    results = found[a.name].run(a.out, a.quick, a.seeds, **changes)
     print(f"{a.name}: wrote {a.out}/{a.name}.json and .png in {time.perf_counter() - start:.0f} s")
     return results
+
+
+def budget_changes(parser, module, items: list) -> dict:
+    """{key: value} of `--budget KEY=VALUE` items (YAML values); an error if the claim takes none."""
+    import inspect
+
+    import yaml
+
+    if not items:
+        return {}
+    takes = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(module.run).parameters.values())
+    if not takes:
+        parser.error(f"--budget: {module.__name__.rsplit('.', 1)[-1]} takes no budget changes")
+    changes = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--budget: expected KEY=VALUE, got {item!r}")
+        changes[key] = yaml.safe_load(value)
+    return changes
 
 
 # --- what the claim modules share -------------------------------------------------------------------

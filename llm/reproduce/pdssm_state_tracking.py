@@ -11,7 +11,7 @@ diagnosis: docs/reproductions.md.
 """
 import time
 
-from llm.eval.probes import TASKS, accuracy, make_model, train
+from llm.eval.probes import TASKS, accuracy, device_name, make_model, steps_within, train
 from llm.reproduce import mean_std, save
 
 DESCRIPTION = "PD-SSM: state tracking (parity, even pairs, cycle nav, mod arith) accuracy vs test length"
@@ -42,6 +42,8 @@ def budget(quick: bool, **changes) -> dict:
     else:
         b = dict(tasks=list(PAPER), models=list(models(16)), steps=600, batch=32, test_lengths=[40, 64, 128, 256],
                  eval_batch=256, d_model=64, layers=2, state_size=16, lr=3e-3)
+    b["train_seconds"] = None  # if set, each model trains for the steps that fit in it (timed), not `steps`
+    b["first_seed"] = 0  # the seeds are first_seed, first_seed + 1, ...
     unknown = set(changes) - set(b)
     if unknown:
         raise ValueError(f"budget: unknown keys {sorted(unknown)}; expected some of {sorted(b)}")
@@ -61,15 +63,24 @@ def run(out_dir: str, quick: bool, seeds: int, **changes) -> dict:
         task = TASKS[task_name]
         for name in b["models"]:
             mixer, mixer_args = compared[name]
-            accs = {L: [] for L in b["test_lengths"]}
-            for seed in range(seeds):
-                model = make_model(task, mixer, mixer_args, b["d_model"], b["layers"], 4, seed)
-                train(model, task, (3, 40), b["steps"], b["batch"], b["lr"], seed)
+            seed_list = list(range(b["first_seed"], b["first_seed"] + seeds))
+            accs, steps = {L: [] for L in b["test_lengths"]}, []
+            for seed in seed_list:
+                def make():
+                    return make_model(task, mixer, mixer_args, b["d_model"], b["layers"], 4, seed)
+
+                steps.append(b["steps"] if b["train_seconds"] is None else
+                             steps_within(b["train_seconds"], make, task, (3, 40), b["batch"], b["lr"], seed))
+                model = make()
+                train(model, task, (3, 40), steps[-1], b["batch"], b["lr"], seed)
                 for L in b["test_lengths"]:
                     accs[L].append(accuracy(model, task, L, b["eval_batch"], seed + 1000, final_only=True))
-            rows.append({"task": task_name, "model": name, "accuracy": {str(L): mean_std(a) for L, a in accs.items()}})
-            print(task_name, name, {L: round(v["mean"], 3) for L, v in rows[-1]["accuracy"].items()}, flush=True)
+            rows.append({"task": task_name, "model": name, "seeds": seed_list, "steps": steps,
+                         "accuracy": {str(L): mean_std(a) for L, a in accs.items()}})
+            print(task_name, name, f"{steps} steps", {L: round(v["mean"], 3) for L, v in rows[-1]["accuracy"].items()},
+                  flush=True)
     results = {"description": DESCRIPTION, "paper": PAPER, "quick": quick, "seeds": seeds, "budget": b,
+               "device": device_name(),
                "chance": {t: 1 / TASKS[t].n_classes for t in b["tasks"]},
                "wall_s": round(time.perf_counter() - start), "rows": rows}
     return save(out_dir, "pdssm_state_tracking", results, _plot)
@@ -79,16 +90,18 @@ def _plot(fig, results):
     tasks = results["budget"]["tasks"]
     fig.set_size_inches(3 * len(tasks), 3.2)
     lengths = results["budget"]["test_lengths"]
+    color = {m: f"C{i}" for i, m in enumerate(results["budget"]["models"])}  # one per model in every panel
     for i, task in enumerate(tasks):
         ax = fig.add_subplot(1, len(tasks), i + 1)
         for row in (r for r in results["rows"] if r["task"] == task):
             acc = [row["accuracy"][str(L)] for L in lengths]
             ax.errorbar(lengths, [a["mean"] for a in acc], yerr=[a["std"] for a in acc], marker="o", capsize=2,
-                        label=row["model"])
+                        color=color[row["model"]], label=row["model"])
         ax.axhline(results["chance"][task], color="k", ls=":")
         ax.axvline(40, color="gray", ls="--", lw=0.8)  # longest training length
         ax.set_title(task)
         ax.set_xlabel("test length")
         ax.set_ylim(0, 1.02)
     fig.axes[0].set_ylabel("final-state accuracy")
-    fig.axes[0].legend(fontsize=6)
+    handles = {h.get_label(): h for ax in fig.axes for h in ax.get_legend_handles_labels()[0]}
+    fig.axes[0].legend(handles.values(), handles.keys(), fontsize=6)
