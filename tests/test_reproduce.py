@@ -90,6 +90,8 @@ def test_budget_changes_reach_the_claim_and_are_checked(tmp_path, capsys):
         assert says in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown keys"):
         main(["pdssm_state_tracking", "--quick", "--out", str(tmp_path), "--budget", "step=5"])
+    with pytest.raises(ValueError, match="magnitude_init"):  # pdssm_args reach every PD-SSM variant's mixer
+        main(["pdssm_state_tracking", "--quick", "--out", str(tmp_path), "--budget", "pdssm_args={magnitude_init: 2}"])
 
 
 def test_cells_run_in_parallel_and_pool_their_seeds(tmp_path):

@@ -23,9 +23,9 @@ PAPER = {  # accuracy (%) at test lengths 40-256, Terzic et al. Table (100k step
 }
 
 
-def models(state_size: int) -> dict:
-    """{name: (mixer, mixer_args)} of the compared models."""
-    pd = {"state_size": state_size, "dict_size": 8}
+def models(state_size: int, pdssm_args: dict = None) -> dict:
+    """{name: (mixer, mixer_args)} of the compared models; `pdssm_args` go to every PD-SSM variant."""
+    pd = {"state_size": state_size, "dict_size": 8, **(pdssm_args or {})}
     return {"pdssm": ("pdssm", {"pdssm": pd}),
             "pdssm +state_norm": ("pdssm", {"pdssm": {**pd, "state_norm": True}}),
             "pdssm +state_norm -phase": ("pdssm", {"pdssm": {**pd, "state_norm": True, "phase": False}}),
@@ -44,6 +44,7 @@ def budget(quick: bool, **changes) -> dict:
                  eval_batch=256, d_model=64, layers=2, state_size=16, lr=3e-3)
     b["train_seconds"] = None  # if set, each model trains for the steps that fit in it (timed), not `steps`
     b["first_seed"] = 0  # the seeds are first_seed, first_seed + 1, ...
+    b["pdssm_args"] = {}  # mixer args for every PD-SSM variant, e.g. {magnitude_init: 0.99}
     unknown = set(changes) - set(b)
     if unknown:
         raise ValueError(f"budget: unknown keys {sorted(unknown)}; expected some of {sorted(b)}")
@@ -57,7 +58,7 @@ def budget(quick: bool, **changes) -> dict:
 def run(out_dir: str, quick: bool, seeds: int, **changes) -> dict:
     """The comparison at budget(quick, **changes); `changes` runs a reduced version (docs/reproductions.md)."""
     b = budget(quick, **changes)
-    compared = models(b["state_size"])
+    compared = models(b["state_size"], b["pdssm_args"])
     rows, start = [], time.perf_counter()
     for task_name in b["tasks"]:
         task = TASKS[task_name]
