@@ -67,6 +67,14 @@ def test_mesa_cg_error_falls_with_cg_steps(tmp_path):
         assert row["kappa_max"] >= 1
 
 
+def test_mqar_budget_changes(tmp_path):
+    r = main(["mqar", "--quick", "--seeds", "1", "--out", str(tmp_path), "--budget", "models=[softmax]",
+              "--budget", "widths=[16]", "--budget", "steps=3"])
+    assert [(row["model"], row["d_model"]) for row in r["rows"]] == [("softmax", 16)] and r["budget"]["steps"] == 3
+    with pytest.raises(ValueError, match="unknown models"):
+        main(["mqar", "--quick", "--out", str(tmp_path), "--budget", "models=[nosuch]"])
+
+
 def test_mqar(tmp_path):
     r = _run_quick(tmp_path, "mqar")
     assert {row["d_model"] for row in r["rows"]} == set(r["budget"]["widths"])
@@ -83,7 +91,7 @@ def test_budget_changes_reach_the_claim_and_are_checked(tmp_path, capsys):
     timed = main(["pdssm_state_tracking", "--quick", "--seeds", "1", "--out", str(tmp_path), "--budget",
                   "tasks=[parity]", "--budget", "models=[pdssm_diag]", "--budget", "train_seconds=0.5"])
     assert timed["rows"][0]["steps"][0] >= 1  # as many as fit in half a second, timed on this machine
-    for bad, says in ((["mqar", "--budget", "steps=5"], "mqar takes no budget changes"),
+    for bad, says in ((["mesa_cg", "--budget", "steps=5"], "mesa_cg takes no budget changes"),
                       (["pdssm_state_tracking", "--budget", "steps"], "expected KEY=VALUE")):
         with pytest.raises(SystemExit):
             main(bad)

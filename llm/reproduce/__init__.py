@@ -70,6 +70,14 @@ def budget_changes(parser, module, items: list) -> dict:
 
 # --- what the claim modules share -------------------------------------------------------------------
 
+def with_changes(budget: dict, changes: dict) -> dict:
+    """`budget` with `changes` (from `--budget KEY=VALUE`) applied; an unknown key is an error."""
+    unknown = set(changes) - set(budget)
+    if unknown:
+        raise ValueError(f"budget: unknown keys {sorted(unknown)}; expected some of {sorted(budget)}")
+    return {**budget, **changes}
+
+
 def mean_std(values) -> dict:
     """{"mean", "std", "values"} of a list of numbers (std 0 for one value)."""
     import statistics

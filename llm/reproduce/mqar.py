@@ -6,7 +6,7 @@ import time
 
 from llm.eval.probes import accuracy, make_model, mqar_task, train
 from llm.model.mixers import MIXERS
-from llm.reproduce import mean_std, save
+from llm.reproduce import mean_std, save, with_changes
 
 DESCRIPTION = "MQAR (Zoology): associative-recall accuracy vs width for every mixer at fixed length and pairs"
 PAPER = {"claim": "attention solves MQAR at every width; gated convolutions and small-state recurrences need "
@@ -14,14 +14,19 @@ PAPER = {"claim": "attention solves MQAR at every width; gated convolutions and 
 MODELS = ("softmax", "momentum", "deltanet", "gated_deltanet", "mesa", "pdssm")
 
 
-def run(out_dir: str, quick: bool, seeds: int) -> dict:
+def run(out_dir: str, quick: bool, seeds: int, **changes) -> dict:
+    """The comparison at the quick or full budget with `changes` (e.g. models=[softmax], steps=3000)."""
     budget = (dict(widths=[16, 32], pairs=4, vocab=32, steps=60, batch=16, eval_batch=64, layers=2, lr=3e-3)
               if quick else dict(widths=[32, 64, 128], pairs=16, vocab=128, steps=600, batch=32, eval_batch=128,
                                  layers=2, lr=3e-3))
+    budget = with_changes({**budget, "models": [m for m in MODELS if m in MIXERS]}, changes)
+    if set(budget["models"]) - set(MIXERS):
+        raise ValueError(f"budget: unknown models {sorted(set(budget['models']) - set(MIXERS))}; "
+                         f"expected some of {sorted(MIXERS)}")
     task = mqar_task(budget["vocab"], budget["pairs"])
     seq_len = 4 * budget["pairs"]
     rows, start = [], time.perf_counter()
-    for mixer in (m for m in MODELS if m in MIXERS):
+    for mixer in budget["models"]:
         for width in budget["widths"]:
             accs = []
             for seed in range(seeds):

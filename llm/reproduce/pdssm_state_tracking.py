@@ -12,7 +12,7 @@ diagnosis: docs/reproductions.md.
 import time
 
 from llm.eval.probes import TASKS, accuracy, device_name, make_model, steps_within, train
-from llm.reproduce import mean_std, save
+from llm.reproduce import mean_std, save, with_changes
 
 DESCRIPTION = "PD-SSM: state tracking (parity, even pairs, cycle nav, mod arith) accuracy vs test length"
 PAPER = {  # accuracy (%) at test lengths 40-256, Terzic et al. Table (100k steps, batch 256, state 128)
@@ -45,10 +45,7 @@ def budget(quick: bool, **changes) -> dict:
     b["train_seconds"] = None  # if set, each model trains for the steps that fit in it (timed), not `steps`
     b["first_seed"] = 0  # the seeds are first_seed, first_seed + 1, ...
     b["pdssm_args"] = {}  # mixer args for every PD-SSM variant, e.g. {magnitude_init: 0.99}
-    unknown = set(changes) - set(b)
-    if unknown:
-        raise ValueError(f"budget: unknown keys {sorted(unknown)}; expected some of {sorted(b)}")
-    b = {**b, **changes}
+    b = with_changes(b, changes)
     for key, known in (("tasks", TASKS), ("models", models(1))):
         if set(b[key]) - set(known):
             raise ValueError(f"budget: unknown {key} {sorted(set(b[key]) - set(known))}; expected some of {sorted(known)}")
