@@ -215,7 +215,8 @@ def accuracy(model, task: Task, length: int, n: int, seed: int, final_only: bool
 
 def state_tracking_models(state_size: int, dict_size: int) -> dict:
     pd = {"state_size": state_size, "dict_size": dict_size}
-    exact = {"state_norm": True, "phase": False}  # what length generalization needs (mixers/pdssm.py)
+    # what length generalization needs (mixers/pdssm.py)
+    exact = {"state_norm": True, "phase": False, "magnitude_init": 0.99}
     models = {"pdssm": ("pdssm", {"pdssm": {**pd, **exact}}),
               "pdssm_defaults": ("pdssm", {"pdssm": pd}),
               "pdssm_discrete": ("pdssm", {"pdssm": {**pd, **exact, "selection": "discrete"}}),
@@ -295,8 +296,8 @@ def main(argv=None):
     st.add_argument("--tasks", default="parity,even_pairs,cycle_nav,mod_arith,a5,s5",
                     help=f"comma-separated, from {', '.join(TASKS)}")
     st.add_argument("--models", default="pdssm,pdssm_diag,gated_deltanet,softmax",
-                    help="comma-separated, from pdssm (state_norm, no phase), pdssm_defaults, pdssm_discrete, "
-                         "pdssm_diag, softmax, gated_deltanet, gated_deltanet_neg")
+                    help="comma-separated, from pdssm (state_norm, no phase, |d| init 0.99), pdssm_defaults, "
+                         "pdssm_discrete, pdssm_diag, softmax, gated_deltanet, gated_deltanet_neg")
     st.add_argument("--test-lengths", type=_ints, default=[40, 64, 128, 256],
                     help="comma-separated sequence lengths the final-state accuracy is measured at")
     st.add_argument("--layers", type=int, default=2, help="layers per model")

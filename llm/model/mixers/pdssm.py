@@ -12,11 +12,12 @@ recurrence is BIBO-stable. P_t is chosen per step (`selection`):
   pick and the matrix; the forward is O(N) per step after an O(M N^2) pass over the dictionary.
 - identity: P_t = I, the diagonal-only ablation.
 
-Length generalization on state tracking wants `state_norm: true, phase: false` (the defaults keep
-the paper's mixer): a trained model's state grows with the accumulated inputs and shrinks by
-prod |d_t|, so an unnormalized readout meets scales at test lengths it never saw; and an automaton
-run on learned (continuous) phases drifts by the phase error at every step, while P_t is discrete.
-Diagnosis and numbers: docs/reproductions.md.
+Length generalization on state tracking wants `state_norm: true, phase: false, magnitude_init:
+0.99` (the defaults keep the paper's mixer): a trained model's state grows with the accumulated
+inputs and shrinks by prod |d_t|, so an unnormalized readout meets scales at test lengths it never
+saw; an automaton run on learned (continuous) phases drifts by the phase error at every step, while
+P_t is discrete; and a token that must be kept to the end (even pairs: the first) fades as
+prod |d_t|. Diagnosis and numbers: docs/reproductions.md.
 
 The scan runs on the integer `perm` (llm.ops.pd_ssm); the straight-through gradient of a dense P_t
 is (adjoint of h_t)(D_t h_{t-1})^T, which we obtain by adding the zero-valued term
@@ -59,7 +60,8 @@ class PDSSM(Mixer):
         # which the |d| < 1 decay shrinks and input accumulation grows with the sequence length.
         state_norm: bool = False
         # |d| at init. 0.95 is a memory of ~20 steps; an automaton's signal is the start state times
-        # prod |d_t|, which must survive the longest test length, so state tracking wants ~1.
+        # prod |d_t|, which must survive the longest test length: state tracking wants 0.99 (0.999
+        # lets the accumulated input grow ~t, and learns worse).
         magnitude_init: float = 0.95
         # Learned phases of d. A learned phase is continuous: an automaton run on rotations drifts by
         # its error at every step. False: d is real and positive, so state changes come from the
