@@ -69,8 +69,9 @@ def test_mesa_cg_error_falls_with_cg_steps(tmp_path):
 
 def test_mqar_budget_changes(tmp_path):
     r = main(["mqar", "--quick", "--seeds", "1", "--out", str(tmp_path), "--budget", "models=[softmax]",
-              "--budget", "widths=[16]", "--budget", "steps=3"])
-    assert [(row["model"], row["d_model"]) for row in r["rows"]] == [("softmax", 16)] and r["budget"]["steps"] == 3
+              "--budget", "widths=[16]", "--budget", "steps=3", "--budget", "lr=1e-2"])  # YAML 1.1 reads 1e-2 as text
+    assert [(row["model"], row["d_model"]) for row in r["rows"]] == [("softmax", 16)]
+    assert (r["budget"]["steps"], r["budget"]["lr"]) == (3, 0.01)
     with pytest.raises(ValueError, match="unknown models"):
         main(["mqar", "--quick", "--out", str(tmp_path), "--budget", "models=[nosuch]"])
 
@@ -98,6 +99,8 @@ def test_budget_changes_reach_the_claim_and_are_checked(tmp_path, capsys):
         assert says in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown keys"):
         main(["pdssm_state_tracking", "--quick", "--out", str(tmp_path), "--budget", "step=5"])
+    with pytest.raises(ValueError, match=r"steps: expected int \(like 600\), got 'many'"):
+        main(["pdssm_state_tracking", "--out", str(tmp_path), "--budget", "steps=many"])
     with pytest.raises(ValueError, match="magnitude_init"):  # pdssm_args reach every PD-SSM variant's mixer
         main(["pdssm_state_tracking", "--quick", "--out", str(tmp_path), "--budget", "pdssm_args={magnitude_init: 2}"])
 

@@ -64,8 +64,18 @@ def budget_changes(parser, module, items: list) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             parser.error(f"--budget: expected KEY=VALUE, got {item!r}")
-        changes[key] = yaml.safe_load(value)
+        changes[key] = _number(yaml.safe_load(value))
     return changes
+
+
+def _number(value):
+    """YAML 1.1 reads 1e-2 (no dot) as a string: such a value as the float it means."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 # --- what the claim modules share -------------------------------------------------------------------
@@ -75,7 +85,20 @@ def with_changes(budget: dict, changes: dict) -> dict:
     unknown = set(changes) - set(budget)
     if unknown:
         raise ValueError(f"budget: unknown keys {sorted(unknown)}; expected some of {sorted(budget)}")
+    for key, value in changes.items():
+        if not _same_kind(budget[key], value):
+            raise ValueError(f"budget: {key}: expected {type(budget[key]).__name__} (like {budget[key]!r}), "
+                             f"got {value!r}")
     return {**budget, **changes}
+
+
+def _same_kind(default, value) -> bool:
+    number = (int, float)
+    if default is None:  # an optional number
+        return value is None or (isinstance(value, number) and not isinstance(value, bool))
+    if isinstance(default, number) and not isinstance(default, bool):
+        return isinstance(value, number) and not isinstance(value, bool)
+    return isinstance(value, type(default))
 
 
 def mean_std(values) -> dict:

@@ -6,7 +6,8 @@ after 100k steps, batch 256, state 128).
 Variants: `pdssm` with the mixer's defaults, `pdssm +state_norm` (the readout sees each head's state
 divided by its RMS, so its scale, shrunk by |d| < 1 or grown by accumulated inputs, does not matter)
 and `pdssm +state_norm -phase` (d real positive: every state change comes from the discrete P_t),
-the diagonal-only ablation `pdssm_diag` (P = I, defaults otherwise) and Gated DeltaNet. The
+the diagonal-only ablation `pdssm_diag` (P = I, defaults otherwise), and the paper's baselines
+Gated DeltaNet and `deltanet_neg` (DeltaNet[-1,1]: beta in (0, 2), eigenvalues down to -1). The
 diagnosis: docs/reproductions.md.
 """
 import time
@@ -30,7 +31,8 @@ def models(state_size: int, pdssm_args: dict = None) -> dict:
             "pdssm +state_norm": ("pdssm", {"pdssm": {**pd, "state_norm": True}}),
             "pdssm +state_norm -phase": ("pdssm", {"pdssm": {**pd, "state_norm": True, "phase": False}}),
             "pdssm_diag": ("pdssm", {"pdssm": {**pd, "selection": "identity"}}),
-            "gated_deltanet": ("gated_deltanet", {})}
+            "gated_deltanet": ("gated_deltanet", {}),
+            "deltanet_neg": ("deltanet", {"deltanet": {"allow_neg_eigval": True}})}  # the paper's DeltaNet[-1,1]
 
 
 def budget(quick: bool, **changes) -> dict:
