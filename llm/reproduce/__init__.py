@@ -93,12 +93,13 @@ def with_changes(budget: dict, changes: dict) -> dict:
 
 
 def _same_kind(default, value) -> bool:
-    number = (int, float)
-    if default is None:  # an optional number
-        return value is None or (isinstance(value, number) and not isinstance(value, bool))
-    if isinstance(default, number) and not isinstance(default, bool):
-        return isinstance(value, number) and not isinstance(value, bool)
-    return isinstance(value, type(default))
+    """Whether `value` may replace `default`: an int for an int, any number for a float or None."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if default is None or isinstance(default, float):
+        return (default is None and value is None) or number(value)
+    return isinstance(value, type(default)) and (isinstance(default, bool) or not isinstance(value, bool))
 
 
 def mean_std(values) -> dict:
